@@ -1,0 +1,245 @@
+#pragma once
+// Contractive compressors for EF21 and the sparse message they produce.
+//
+// A compressor C maps v in R^d to a message; it is contractive with parameter alpha in (0, 1] when
+//     E ||C(v) - v||^2 <= (1 - alpha) ||v||^2        for every v.
+//   TopK{k}                    the k largest |v_j| (ties: lower index first); alpha = k/d, deterministic.
+//   RandK{k}                   k coordinates drawn uniformly without replacement, unscaled; alpha = k/d.
+//   RandK{k, .scaled = true}   the same times d/k: unbiased, E C(v) = v, with
+//                              E ||C(v) - v||^2 = omega ||v||^2, omega = d/k - 1 (not contractive).
+//   Identity{}                 C(v) = v as a dense message; alpha = 1.
+// Randomness is explicit: compress() draws from the Rng it is handed, so a run is reproducible from
+// its seeds and its Rng state can be checkpointed (EF21 keeps one stream per client).
+//
+// A SparseMessage holds int32 indices and values (or, dense, d values and no indices). Its bits are
+// counted separately: value_bits() = 8 sizeof(S) per value, index_bits() = 32 per index, so results
+// compare both with the EF21 papers (which count values only) and with what actually travels.
+
+#include <algorithm>
+#include <cmath>
+#include <concepts>
+#include <cstdint>
+#include <functional>
+#include <limits>
+#include <span>
+#include <vector>
+
+#include <Eigen/Core>
+
+#include "gradus/core/errors.hpp"
+#include "gradus/core/types.hpp"
+
+namespace gradus::ef21 {
+
+// splitmix64: a tiny, fast generator whose whole state is one integer, so it checkpoints trivially.
+class Rng {
+ public:
+  explicit Rng(std::uint64_t seed = 0) : state_(seed) {}
+
+  // An independent-looking stream for (seed, stream), e.g. one per client.
+  static Rng stream(std::uint64_t seed, std::uint64_t stream) {
+    Rng mixer(seed ^ (0xD1B54A32D192ED03ull * (stream + 1)));
+    return Rng(mixer.next());
+  }
+
+  std::uint64_t next() {
+    std::uint64_t z = (state_ += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+  }
+
+  // Uniform in [0, 1) with 53 random bits.
+  double uniform() { return static_cast<double>(next() >> 11) * 0x1.0p-53; }
+
+  std::uint64_t state() const { return state_; }
+  void set_state(std::uint64_t state) { state_ = state; }
+
+ private:
+  std::uint64_t state_;
+};
+
+namespace detail {
+
+// k distinct indices of [0, n), uniform over subsets, in increasing order (Knuth's selection
+// sampling, Algorithm S: one pass, no extra memory). Writes through out(index).
+template <class Out>
+void sample_without_replacement(Index n, Index k, Rng& rng, Out&& out) {
+  for (Index i = 0; i < n && k > 0; ++i) {
+    if (static_cast<double>(n - i) * rng.uniform() < static_cast<double>(k)) {
+      out(i);
+      --k;
+    }
+  }
+}
+
+inline void require_k(std::string_view function, Index k, Index d) {
+  gradus::detail::require(k >= 1 && k <= d, function, "k", "a value in [1, d = " + gradus::detail::to_text(d) + "]",
+                          k);
+}
+
+// The dimension has to fit the int32 indices of a message.
+inline void require_message_dim(std::string_view function, Index d) {
+  gradus::detail::require(d >= 1 && d <= std::numeric_limits<std::int32_t>::max(), function, "v",
+                          "a vector of size in [1, 2^31 - 1]", d);
+}
+
+}  // namespace detail
+
+// A read-only view of a message, as received from any client (in process or over MPI).
+template <class S>
+struct MessageView {
+  Index dim = 0;
+  std::span<const std::int32_t> indices;  // empty for a dense message
+  std::span<const S> values;              // d values when dense, else one per index
+
+  bool dense() const { return indices.empty() && !values.empty(); }
+  Index nnz() const { return static_cast<Index>(values.size()); }
+  std::uint64_t value_bits() const { return values.size() * sizeof(S) * 8; }
+  std::uint64_t index_bits() const { return indices.size() * 32; }
+
+  // target += scale * C(v).
+  void add_to(Eigen::Ref<Vector<S>> target, S scale) const {
+    if (dense()) {
+      target += scale * Eigen::Map<const Vector<S>>(values.data(), dim);
+      return;
+    }
+    for (std::size_t j = 0; j < indices.size(); ++j) target(indices[j]) += scale * values[j];
+  }
+
+  Vector<S> to_dense() const {
+    Vector<S> out = Vector<S>::Zero(dim);
+    add_to(out, S(1));
+    return out;
+  }
+};
+
+// What a client sends: C(v) as (int32 index, value) pairs, or dense. Reused round after round, so
+// its buffers stop allocating after the first call.
+template <class S>
+struct SparseMessage {
+  Index dim = 0;
+  std::vector<std::int32_t> indices;
+  std::vector<S> values;
+
+  MessageView<S> view() const { return {dim, indices, values}; }
+  bool dense() const { return view().dense(); }
+  Index nnz() const { return view().nnz(); }
+  std::uint64_t value_bits() const { return view().value_bits(); }
+  std::uint64_t index_bits() const { return view().index_bits(); }
+  void add_to(Eigen::Ref<Vector<S>> target, S scale) const { view().add_to(target, scale); }
+  Vector<S> to_dense() const { return view().to_dense(); }
+
+  // An empty message of dimension d: what a silent client (EF21-PP) sends.
+  void clear(Index d) {
+    dim = d;
+    indices.clear();
+    values.clear();
+  }
+};
+
+// Top-k by magnitude, O(d): nth_element finds the k-th largest |v_j| on a copy of the magnitudes,
+// then one pass keeps everything above it and the lowest-index entries equal to it.
+// NaN counts as the largest magnitude, so it is sent and propagates.
+struct TopK {
+  Index k = 1;
+
+  double alpha(Index d) const {
+    validate(d);
+    return static_cast<double>(k) / static_cast<double>(d);
+  }
+  void validate(Index d) const {
+    detail::require_message_dim("TopK::compress", d);
+    detail::require_k("TopK::compress", k, d);
+  }
+
+  template <class D>
+  void compress(const Eigen::MatrixBase<D>& v, SparseMessage<typename D::Scalar>& out, Rng& /*rng*/) const {
+    using S = typename D::Scalar;
+    const Index d = v.size();
+    validate(d);
+    auto magnitude = [](S value) { return value != value ? std::numeric_limits<S>::infinity() : std::abs(value); };
+    // The values buffer doubles as selection scratch: it is overwritten only after the threshold is known.
+    out.dim = d;
+    out.values.resize(static_cast<std::size_t>(d));
+    for (Index j = 0; j < d; ++j) out.values[static_cast<std::size_t>(j)] = magnitude(v(j));
+    const auto kth = out.values.begin() + (k - 1);
+    std::nth_element(out.values.begin(), kth, out.values.end(), std::greater<S>());
+    const S threshold = *kth;
+    Index ties = k - std::count_if(out.values.begin(), kth, [&](S a) { return a > threshold; });
+    out.indices.clear();
+    out.values.clear();
+    for (Index j = 0; j < d; ++j) {
+      const S a = magnitude(v(j));
+      if (a > threshold || (a == threshold && ties-- > 0)) {
+        out.indices.push_back(static_cast<std::int32_t>(j));
+        out.values.push_back(v(j));
+      }
+    }
+  }
+};
+
+// Random-k: k coordinates uniform without replacement (sorted indices); scaled by d/k when unbiased.
+struct RandK {
+  Index k = 1;
+  bool scaled = false;  // true: the unbiased form (d/k) C(v)
+
+  // The contraction parameter of the unscaled form. The scaled form is not contractive: use omega().
+  double alpha(Index d) const {
+    validate(d);
+    gradus::detail::require(!scaled, "RandK::alpha", "scaled", "false (the scaled form is unbiased, see omega)",
+                            scaled);
+    return static_cast<double>(k) / static_cast<double>(d);
+  }
+  // Variance parameter of the scaled (unbiased) form; its rescaling by 1/(1 + omega) is the unscaled form.
+  double omega(Index d) const {
+    validate(d);
+    return static_cast<double>(d) / static_cast<double>(k) - 1;
+  }
+  void validate(Index d) const {
+    detail::require_message_dim("RandK::compress", d);
+    detail::require_k("RandK::compress", k, d);
+  }
+
+  template <class D>
+  void compress(const Eigen::MatrixBase<D>& v, SparseMessage<typename D::Scalar>& out, Rng& rng) const {
+    using S = typename D::Scalar;
+    const Index d = v.size();
+    validate(d);
+    const S factor = scaled ? static_cast<S>(d) / static_cast<S>(k) : S(1);
+    out.dim = d;
+    out.indices.clear();
+    out.values.clear();
+    detail::sample_without_replacement(d, k, rng, [&](Index j) {
+      out.indices.push_back(static_cast<std::int32_t>(j));
+      out.values.push_back(factor * v(j));
+    });
+  }
+};
+
+// No compression: the dense vector (no indices to pay for).
+struct Identity {
+  double alpha(Index d) const {
+    validate(d);
+    return 1.0;
+  }
+  void validate(Index d) const { detail::require_message_dim("Identity::compress", d); }
+
+  template <class D>
+  void compress(const Eigen::MatrixBase<D>& v, SparseMessage<typename D::Scalar>& out, Rng& /*rng*/) const {
+    validate(v.size());
+    out.dim = v.size();
+    out.indices.clear();
+    out.values.resize(static_cast<std::size_t>(v.size()));
+    Eigen::Map<Vector<typename D::Scalar>>(out.values.data(), v.size()) = v;
+  }
+};
+
+// What EF21 needs from a compressor: validate(d) for early errors and compress(v, message, rng).
+template <class C, class S>
+concept Compressor = requires(const C& c, const Vector<S>& v, SparseMessage<S>& message, Rng& rng, Index d) {
+  c.validate(d);
+  c.compress(v, message, rng);
+};
+
+}  // namespace gradus::ef21
