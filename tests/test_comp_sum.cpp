@@ -1,0 +1,327 @@
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include <gradus/core/concepts.hpp>
+#include <gradus/losses/comp_sum.hpp>
+#include <gradus/testing/gradient_check.hpp>
+
+using namespace gradus;
+
+static_assert(PredictionLoss<CompSumLoss<float>> && PredictionLoss<CrossEntropyLoss<double>>);
+static_assert(PredictionLoss<SumExponentialLoss<float>> && PredictionLoss<GeneralizedCrossEntropyLoss<float>>);
+static_assert(PredictionLoss<MeanAbsoluteErrorLoss<double>>);
+static_assert(Loss<CrossEntropyLoss<float>, RowMatrix<float>, Labels>);
+static_assert(Loss<MeanAbsoluteErrorLoss<double>, RowMatrix<double>, Labels>);
+
+namespace {
+
+template <class S>
+RowMatrix<S> random_logits(Index n, Index c, double spread, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<double> normal(0.0, spread);
+  RowMatrix<S> h(n, c);
+  for (Index k = 0; k < h.size(); ++k) h.data()[k] = S(normal(rng));
+  return h;
+}
+
+Labels random_labels(Index n, Index c, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::uniform_int_distribution<int> pick(0, int(c) - 1);
+  Labels y(n);
+  for (Index i = 0; i < n; ++i) y(i) = pick(rng);
+  return y;
+}
+
+// The definition, one sample at a time, in long double: Phi_tau(u), u = sum_{j != y} exp(h_j - h_y).
+double oracle(const RowMatrix<double>& h, Index i, int y, double tau) {
+  long double u = 0;
+  for (Index j = 0; j < h.cols(); ++j)
+    if (j != y) u += std::exp((long double)(h(i, j) - h(i, y)));
+  if (tau == 1) return double(std::log1p(u));
+  return double((std::pow(1 + u, (long double)(1 - tau)) - 1) / (1 - tau));
+}
+
+// Checks the gradient of the loss at h: a double loss against its own finite differences, a
+// float loss's gradient against finite differences of the double loss at the same point.
+template <class S>
+void check_loss_gradient(const CompSumOptions<S>& options, const RowMatrix<S>& h, const Labels& y,
+                         Index max_coordinates = 0) {
+  CompSumOptions<double> options_double{options.tau, options.reduction, options.weight.template cast<double>(),
+                                        options.ignore_index, double(options.label_smoothing)};
+  const CompSumLoss<double> reference(options_double);
+  RowMatrix<S> grad(h.rows(), h.cols());
+  CompSumLoss<S>(options).value_and_grad(h, y, grad);
+  auto f = [&](const Eigen::VectorXd& x) {
+    return reference.value(Eigen::Map<const RowMatrix<double>>(x.data(), h.rows(), h.cols()), y);
+  };
+  const RowMatrix<double> point = h.template cast<double>();
+  testing::GradientCheckOptions check;
+  check.max_coordinates = max_coordinates;
+  check.step = 1e-4;  // the loss sums many rows: its round-off dominates smaller steps
+  check.tolerance = std::is_same_v<S, float> ? 2e-3 : 1e-5;
+  const auto report = testing::check_gradient(f, Eigen::Map<const Eigen::VectorXd>(point.data(), point.size()),
+                                              Eigen::Map<const Vector<S>>(grad.data(), grad.size()), check);
+  INFO("tau " << options.tau << ", " << h.rows() << " x " << h.cols() << ": " << report.summary());
+  CHECK(report.ok);
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("comp-sum gradients match finite differences across tau and SIMD boundaries", "[comp_sum]",
+                   float, double) {
+  using S = TestType;
+  for (double tau : {0.0, 0.5, 1.0, 1.7, 2.0, 3.0}) {
+    for (Index c : {1, 2, 3, 7, 8, 9, 17, 64, 1000}) {
+      // Enough rows to fill a block of the small-class path and leave a remainder.
+      const Index n = c < detail::kSmallClasses ? 37 : 3;
+      const auto h = random_logits<S>(n, c, 1.5, unsigned(11 * c + 7));
+      const auto y = random_labels(n, c, unsigned(c));
+      check_loss_gradient<S>({.tau = S(tau)}, h, y, c >= 64 ? 150 : 0);
+    }
+  }
+}
+
+TEMPLATE_TEST_CASE("weights, ignore_index and label smoothing have checked gradients", "[comp_sum]", float,
+                   double) {
+  using S = TestType;
+  for (Index c : {3, 9, 17, 40}) {
+    const Index n = c < detail::kSmallClasses ? 35 : 6;
+    const auto h = random_logits<S>(n, c, 1.0, unsigned(c + 3));
+    Labels y = random_labels(n, c, unsigned(c + 5));
+    y(1) = y(4) = -1;
+    const Vector<S> weight = (Vector<S>::LinSpaced(c, 0, 1).array() * 2 + S(0.1)).matrix();
+    for (double tau : {0.5, 1.0, 2.0}) check_loss_gradient<S>({.tau = S(tau), .weight = weight, .ignore_index = -1}, h, y);
+    check_loss_gradient<S>({.ignore_index = -1, .label_smoothing = S(0.2)}, h, y);
+    check_loss_gradient<S>({.weight = weight, .ignore_index = -1, .label_smoothing = S(0.3)}, h, y);
+    check_loss_gradient<S>({.reduction = Reduction::Sum, .weight = weight, .ignore_index = -1}, h, y);
+  }
+}
+
+TEST_CASE("per-sample values match the definition Phi_tau(sum_j exp(h_j - h_y))", "[comp_sum]") {
+  for (double tau : {0.0, 0.5, 1.0, 1.7, 2.0, 3.0}) {
+    for (Index c : {2, 5, 15, 16, 33}) {
+      const Index n = 21;
+      const auto h = random_logits<double>(n, c, 2.0, unsigned(c));
+      const auto y = random_labels(n, c, unsigned(c + 1));
+      Vector<double> values(n);
+      CompSumLoss<double>({.tau = tau}).values(h, y, values);
+      for (Index i = 0; i < n; ++i) CHECK(values(i) == Approx(oracle(h, i, y(i), tau)).epsilon(1e-12).margin(1e-14));
+    }
+  }
+}
+
+TEMPLATE_TEST_CASE("identities of the family", "[comp_sum]", float, double) {
+  using S = TestType;
+  const double tol = std::is_same_v<S, float> ? 1e-5 : 1e-12;
+  for (Index c : {4, 50}) {
+    const Index n = 19;
+    const auto h = random_logits<S>(n, c, 1.0, unsigned(c));
+    const auto y = random_labels(n, c, unsigned(c + 2));
+    const RowMatrix<S> p = (h.array().colwise() - h.array().exp().rowwise().sum().log()).exp();
+    Vector<S> ce(n), mae(n), gce(n), tau17(n), sum_exp(n);
+    CrossEntropyLoss<S>{}.values(h, y, ce);
+    MeanAbsoluteErrorLoss<S>{}.values(h, y, mae);
+    GeneralizedCrossEntropyLoss<S>({.q = S(0.7)}).values(h, y, gce);
+    CompSumLoss<S>({.tau = S(1.7)}).values(h, y, tau17);
+    SumExponentialLoss<S>{}.values(h, y, sum_exp);
+    for (Index i = 0; i < n; ++i) {
+      CHECK(ce(i) == Approx(-std::log(p(i, y(i)))).epsilon(tol));
+      CHECK(mae(i) == Approx(1 - p(i, y(i))).epsilon(tol));
+      CHECK(gce(i) == tau17(i));
+      CHECK(gce(i) == Approx((1 - std::pow(p(i, y(i)), S(0.7))) / S(0.7)).epsilon(tol));
+      CHECK(sum_exp(i) == Approx(1 / p(i, y(i)) - 1).epsilon(tol));
+    }
+    for (double tau : {0.0, 1.0, 1.7}) {
+      const S mean = CompSumLoss<S>({.tau = S(tau)}).value(h, y);
+      const S sum = CompSumLoss<S>({.tau = S(tau), .reduction = Reduction::Sum}).value(h, y);
+      Vector<S> values(n);
+      CompSumLoss<S>({.tau = S(tau)}).values(h, y, values);
+      CHECK(sum == Approx(n * mean).epsilon(tol));
+      CHECK(sum == Approx(values.sum()).epsilon(tol));
+    }
+  }
+}
+
+TEST_CASE("weight, ignore_index and label_smoothing follow torch.nn.functional.cross_entropy", "[comp_sum]") {
+  // Expected numbers from libtorch 1.13 (F::cross_entropy, then backward of the sum).
+  RowMatrix<double> h(4, 3);
+  h << 1.0, 2.0, 0.5, 0.3, -1.0, 2.5, -0.5, 0.0, 0.5, 2.0, 1.0, -1.0;
+  Labels y(4);
+  y << 0, 2, -100, 1;
+  Vector<double> weight(3);
+  weight << 0.2, 1.0, 3.0;
+  RowMatrix<double> grad(4, 3), expected(4, 3);
+  Vector<double> values(4), expected_values(4);
+
+  // Weighted mean: divides by the weights of the counted samples, 0.2 + 3 + 1.
+  const CrossEntropyLoss<double> weighted({.weight = weight});
+  CHECK(weighted.value_and_grad(h, y, grad) == Approx(0.485143478745).epsilon(1e-11));
+  expected << -0.0366083858275, 0.0299300818672, 0.00667830396029, 0.0693646586637, 0.0189040747988,
+      -0.0882687334625, 0, 0, 0, 0.1679486935, -0.176310366585, 0.00836167308556;
+  CHECK((grad - expected).cwiseAbs().maxCoeff() < 1e-11);
+  weighted.values(h, y, values);
+  expected_values << 0.292873756822, 0.395716637139, 0, 1.34901221677;
+  CHECK((values - expected_values).cwiseAbs().maxCoeff() < 1e-11);
+  // By hand: sample 0 has -log p_0 = log(e + e^2 + e^0.5) - 1, weighted 0.2.
+  CHECK(values(0) == Approx(0.2 * (std::log(std::exp(1.0) + std::exp(2.0) + std::exp(0.5)) - 1)));
+  CHECK(CrossEntropyLoss<double>({.reduction = Reduction::Sum, .weight = weight}).value(h, y) ==
+        Approx(0.292873756822 + 0.395716637139 + 1.34901221677));
+
+  // Label smoothing without weights: the mean is over the 3 counted samples.
+  const CrossEntropyLoss<double> smooth({.label_smoothing = 0.1});
+  CHECK(smooth.value_and_grad(h, y, grad) == Approx(1.05065107109).epsilon(1e-11));
+  expected << -0.23403647857, 0.198399461959, 0.0356370166109, 0.0212590629319, -0.00228920953834,
+      -0.0189698533936, 0, 0, 0, 0.224017059788, -0.224612290997, 0.000595231208669;
+  CHECK((grad - expected).cwiseAbs().maxCoeff() < 1e-11);
+
+  // Label smoothing with weights.
+  const CrossEntropyLoss<double> both({.weight = weight, .label_smoothing = 0.1});
+  CHECK(both.value_and_grad(h, y, grad) == Approx(0.61607519036).epsilon(1e-11));
+  expected << -0.026827385578, 0.0399516230511, -0.0131242374731, 0.0640779086143, 0.00995934953969,
+      -0.074037258154, 0, 0, 0, 0.173079339652, -0.157965955852, -0.0151133838005;
+  CHECK((grad - expected).cwiseAbs().maxCoeff() < 1e-11);
+  both.values(h, y, values);
+  expected_values << 0.485264677581, 0.505945083158, 0, 1.59630603877;
+  CHECK((values - expected_values).cwiseAbs().maxCoeff() < 1e-11);
+}
+
+TEMPLATE_TEST_CASE("reductions: None gives the sum and its gradient; nothing counted gives NaN", "[comp_sum]",
+                   float, double) {
+  using S = TestType;
+  const auto h = random_logits<S>(10, 5, 1.0, 3);
+  Labels y = random_labels(10, 5, 4);
+  RowMatrix<S> g_none(10, 5), g_sum(10, 5);
+  const S none = CompSumLoss<S>({.tau = S(1.5), .reduction = Reduction::None}).value_and_grad(h, y, g_none);
+  const S sum = CompSumLoss<S>({.tau = S(1.5), .reduction = Reduction::Sum}).value_and_grad(h, y, g_sum);
+  CHECK(none == sum);
+  CHECK(g_none == g_sum);
+
+  y.setConstant(-100);
+  RowMatrix<S> g = RowMatrix<S>::Ones(10, 5);
+  CHECK(std::isnan(CrossEntropyLoss<S>{}.value_and_grad(h, y, g)));
+  CHECK(g.isZero(0));
+  CHECK(CrossEntropyLoss<S>({.reduction = Reduction::Sum}).value_and_grad(h, y, g) == 0);
+  CHECK(g.isZero(0));
+}
+
+TEMPLATE_TEST_CASE("extreme and all-equal logits", "[comp_sum]", float, double) {
+  using S = TestType;
+  for (Index c : {3, 20}) {
+    RowMatrix<S> h = RowMatrix<S>::Zero(4, c);
+    h.col(0).setConstant(S(1e4));
+    h.col(1).setConstant(S(-1e4));
+    Labels y(4);
+    y << 0, 1, 2, 1;
+    Vector<S> values(4);
+    RowMatrix<S> g(4, c);
+    for (double tau : {1.0, 1.7, 2.0, 3.0}) {
+      const CompSumLoss<S> loss({.tau = S(tau), .reduction = Reduction::Sum});
+      loss.values(h, y, values);
+      const S value = loss.value_and_grad(h, y, g);
+      REQUIRE(std::isfinite(value));
+      REQUIRE(g.allFinite());
+      // Rows 1 and 3 put p_y = exp(-2e4); row 2 puts it at exp(-1e4): p_y is 0 in both precisions.
+      const double far = tau == 1 ? 2e4 : 1 / (tau - 1);
+      CHECK(values(0) == Approx(0).margin(1e-30));
+      CHECK(values(1) == Approx(far));
+      CHECK(values(2) == Approx(tau == 1 ? 1e4 : 1 / (tau - 1)));
+      // Gradient p_y^(tau-1) (p - e_y): row 1 is (1, -1, 0...) for cross-entropy, 0 for tau > 1.
+      CHECK(g(1, 0) == Approx(tau == 1 ? 1 : 0).margin(1e-30));
+      CHECK(g(1, 1) == Approx(tau == 1 ? -1 : 0).margin(1e-30));
+      CHECK(g.row(0).cwiseAbs().maxCoeff() == Approx(0).margin(1e-30));
+    }
+    // All-equal logits: p = 1/C, cross-entropy log C, gradient (1/C - e_y)/N.
+    const RowMatrix<S> same = RowMatrix<S>::Constant(4, c, S(3e3));
+    const S ce = CrossEntropyLoss<S>{}.value_and_grad(same, y, g);
+    CHECK(ce == Approx(std::log(double(c))).epsilon(1e-6));
+    CHECK(g(2, 0) == Approx(1.0 / c / 4).epsilon(1e-5));
+    CHECK(g(2, 2) == Approx((1.0 / c - 1) / 4).epsilon(1e-5));
+  }
+}
+
+TEST_CASE("logits may be expressions, column-major or the gradient buffer itself", "[comp_sum]") {
+  for (Index c : {6, 30}) {
+    const auto h = random_logits<double>(20, c, 1.0, 9);
+    const auto y = random_labels(20, c, 10);
+    const CompSumLoss<double> loss({.tau = 0.5});
+    RowMatrix<double> g(20, c), g2(20, c);
+    const double v = loss.value_and_grad(h, y, g);
+    const double v_expr = loss.value_and_grad(2 * h / 2, y, g2);
+    CHECK(v_expr == Approx(v).epsilon(1e-15));
+    CHECK(g2.isApprox(g, 1e-15));
+    const Eigen::MatrixXd col_major = h;
+    CHECK(loss.value(col_major, y) == Approx(v).epsilon(1e-15));
+    RowMatrix<double> in_place = h;
+    CHECK(loss.value_and_grad(in_place, y, in_place) == Approx(v).epsilon(1e-15));
+    CHECK(in_place.isApprox(g, 1e-15));
+    // A block of a wider matrix: rows with a stride.
+    RowMatrix<double> wide = RowMatrix<double>::Zero(20, c + 5);
+    wide.leftCols(c) = h;
+    RowMatrix<double> g_wide = RowMatrix<double>::Constant(20, c + 5, 7);
+    CHECK(loss.value_and_grad(wide.leftCols(c), y, g_wide.leftCols(c)) == Approx(v).epsilon(1e-15));
+    CHECK(g_wide.leftCols(c).isApprox(g, 1e-15));
+    CHECK((g_wide.rightCols(5).array() == 7).all());
+  }
+}
+
+TEST_CASE("bad input throws gradus::invalid_argument naming the argument", "[comp_sum]") {
+  const auto h = random_logits<float>(4, 3, 1.0, 1);
+  Labels y(4);
+  y << 0, 1, 2, 1;
+  RowMatrix<float> g(4, 3);
+  Vector<float> values(4);
+  const CrossEntropyLoss<float> ce;
+  auto throws_about = [](auto&& call, const char* argument) {
+    try {
+      call();
+      FAIL("no throw for " << argument);
+    } catch (const gradus::invalid_argument& e) {
+      INFO(e.what());
+      CHECK(std::string(e.what()).find(std::string("'") + argument + "'") != std::string::npos);
+    }
+  };
+  throws_about([&] { ce.value(h, y.head(3)); }, "labels");
+  throws_about([&] { ce.value(RowMatrix<float>(0, 3), Labels(0)); }, "logits");
+  throws_about([&] { ce.value(RowMatrix<float>(4, 0), y); }, "logits");
+  Labels bad = y;
+  bad(2) = 3;
+  throws_about([&] { ce.value(h, bad); }, "labels");
+  bad(2) = -1;
+  throws_about([&] { ce.value(h, bad); }, "labels");
+  CHECK_NOTHROW(CrossEntropyLoss<float>({.reduction = Reduction::Sum, .ignore_index = -1}).value(h, bad));
+  RowMatrix<float> narrow(4, 2), short_grad(3, 3);
+  Vector<float> long_values(5);
+  throws_about([&] { ce.value_and_grad(h, y, narrow); }, "dlogits");
+  throws_about([&] { ce.value_and_grad(h, y, short_grad); }, "dlogits");
+  throws_about([&] { ce.values(h, y, long_values); }, "per_sample");
+  throws_about([&] { CompSumLoss<float>({.tau = -0.5f}); }, "options.tau");
+  throws_about([&] { CompSumLoss<float>({.tau = std::numeric_limits<float>::quiet_NaN()}); }, "options.tau");
+  throws_about([&] { CompSumLoss<float>({.tau = INFINITY}); }, "options.tau");
+  throws_about([&] { CompSumLoss<float>({.tau = 1.5f, .label_smoothing = 0.1f}); }, "options.label_smoothing");
+  throws_about([&] { CrossEntropyLoss<float>({.label_smoothing = 1.5f}); }, "options.label_smoothing");
+  throws_about([&] { GeneralizedCrossEntropyLoss<float>({.q = 0}); }, "options.q");
+  throws_about([&] { CrossEntropyLoss<float>({.weight = Vector<float>::Constant(3, -1)}); }, "options.weight");
+  throws_about([&] { CrossEntropyLoss<float>({.weight = Vector<float>::Constant(3, NAN)}); }, "options.weight");
+  throws_about([&] { CrossEntropyLoss<float>({.weight = Vector<float>::Ones(4)}).value(h, y); }, "options.weight");
+}
+
+TEST_CASE("non-finite logits propagate as NaN, except from ignored rows", "[comp_sum]") {
+  for (Index c : {3, 20}) {
+    RowMatrix<float> h = RowMatrix<float>::Zero(3, c);
+    h(0, 1) = NAN;
+    h(2, 0) = INFINITY;
+    Labels y(3);
+    y << 0, 1, -100;
+    RowMatrix<float> g(3, c);
+    CHECK(std::isnan(CrossEntropyLoss<float>{}.value_and_grad(h, y, g)));
+    CHECK(g.row(0).array().isNaN().all());
+    CHECK(g.row(1).allFinite());
+    CHECK(g.row(2).isZero(0));
+    y(0) = -100;
+    CHECK(std::isfinite(CrossEntropyLoss<float>{}.value_and_grad(h, y, g)));
+  }
+}
