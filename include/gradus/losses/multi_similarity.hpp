@@ -1,0 +1,584 @@
+#pragma once
+// Multi-similarity (MS) loss and miner for deep metric learning
+// (Wang, Han, Huang, Dong, Scott, CVPR 2019).
+//
+// Three pieces that compose:
+//   similarity  S = Xhat Xhat^T (or Qhat Rhat^T), rows L2-normalized: cosine_similarity()
+//   mining      for anchor i with positives P_i = {k != i : y_k = y_i} and negatives
+//               N_i = {k : y_k != y_i}, keep
+//                 negative k  iff  S_ik + eps > min_{j in P_i} S_ij
+//                 positive k  iff  S_ik - eps < max_{j in N_i} S_ij
+//               (min and max over the unmined sets): MultiSimilarityMiner
+//   pair loss   L_i = (1/alpha) log(1 + sum_{k in P~_i} exp(-alpha (S_ik - base)))
+//                   + (1/beta)  log(1 + sum_{k in N~_i} exp( beta (S_ik - base))),
+//               L = mean over all anchors: MultiSimilarityLoss::value_on_pairs
+// MultiSimilarityLoss::value / value_and_grad fuse the three, on embeddings (N x D) or on
+// queries against a reference set (S = Qhat Rhat^T, as in cross-batch memory).
+//
+// Gradient (masks are constants): dL/dS_ik = -w+_ik / N on kept positives, +w-_ik / N on kept
+// negatives, with w the softmax of each set's exponents plus the virtual pair (the paper's pair
+// weights); then dQhat = G Rhat, dRhat = G^T Qhat and, through the normalization,
+// dq_i = (dqhat_i - qhat_i (G S^T)_ii) / ||q_i||  (qhat_i . dqhat_i = sum_k G_ik S_ik).
+//
+// Reference sets are processed in column tiles of `tile` rows with an online log-sum-exp, so
+// memory is O(N x tile) whatever M is: one pass for the mining bounds, one for the sums, one
+// for the gradient (each recomputes its tile of S unless one tile covers M).
+//
+// Defaults are the paper's (alpha 2, beta 50, base 1, eps 0.1). The official code uses
+// (2, 40, 0.5, 0.1); pytorch-metric-learning uses (2, 50, 0.5, 0.1).
+// Empty sets: by default as pytorch-metric-learning (the positive and negative parts count
+// independently, an empty mined set adds 0; the mean is over all anchors). Semantics::Official
+// reproduces the official code: an anchor is skipped unless both mined sets are non-empty, and
+// positives with S >= 1 - 1e-5 are dropped (self pairs and exact duplicates).
+// A batch without any positive pair or without any negative pair (by labels) gives 0 and a
+// zero gradient. A zero-norm row is an error; a non-finite embedding makes the value and the
+// whole gradient NaN. The loss object keeps scratch buffers: use one object per thread.
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include <Eigen/Core>
+
+#include "gradus/core/errors.hpp"
+#include "gradus/core/types.hpp"
+
+namespace gradus {
+
+enum class MultiSimilaritySemantics {
+  PyTorchMetricLearning,  // parts independent, empty part adds 0; only the self pair is excluded
+  Official,               // anchor skipped if either mined set is empty; positives with S >= 1 - 1e-5 dropped
+};
+
+struct MultiSimilarityMinerOptions {
+  double epsilon = 0.1;
+  MultiSimilaritySemantics semantics = MultiSimilaritySemantics::PyTorchMetricLearning;
+};
+
+struct MultiSimilarityOptions {
+  double alpha = 2;     // scale of the positive pairs
+  double beta = 50;     // scale of the negative pairs
+  double base = 1;      // lambda, the similarity the soft thresholds sit at
+  double epsilon = 0.1;  // mining margin
+  bool mine = true;      // false: every positive and negative pair counts
+  MultiSimilaritySemantics semantics = MultiSimilaritySemantics::PyTorchMetricLearning;
+  Index tile = 1024;     // reference rows per tile of S (memory ~ 6 N x tile scalars)
+};
+
+// Mined pairs over a similarity matrix: positive(i, k) / negative(i, k) for anchor row i.
+struct PairMasks {
+  Eigen::Array<bool, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> positive, negative;
+};
+
+// The same pairs as index lists (pytorch-metric-learning's (a1, p, a2, n) tuple).
+struct PairIndices {
+  std::vector<Index> positive_anchors, positives, negative_anchors, negatives;
+};
+
+namespace detail {
+
+// 1 / ||x_i|| for every row into `inverse`; throws on a zero row. Returns false when a row is
+// not finite (the caller then propagates NaN). Falls back to stableNorm only where the plain
+// norm over- or underflows, so finite rows of any magnitude work.
+template <class S>
+bool inverse_row_norms(const Eigen::Ref<const RowMatrix<S>>& X, const char* function, const char* argument,
+                       Vector<S>& inverse) {
+  inverse.resize(X.rows());
+  bool finite = true;
+  for (Index i = 0; i < X.rows(); ++i) {
+    S norm = X.row(i).norm();
+    if (!(norm > std::numeric_limits<S>::min() && norm <= std::numeric_limits<S>::max())) norm = X.row(i).stableNorm();
+    if (norm == S(0)) {
+      throw_invalid_argument(function, argument, "rows with nonzero norm (they are L2-normalized)",
+                             "a zero row at index " + to_text(static_cast<long long>(i)));
+    }
+    finite = finite && std::isfinite(norm);
+    inverse(i) = S(1) / norm;
+  }
+  return finite;
+}
+
+// Which pairs the mining keeps, shared by the miner and the fused loss.
+template <class S>
+struct PairRule {
+  S epsilon;
+  bool mine;
+  bool official;
+
+  // A positive of the unmined set: same label, not the anchor itself, and in the official
+  // semantics not (numerically) identical to the anchor.
+  bool positive_candidate(bool same, bool diagonal, S s) const {
+    return same && !diagonal && !(official && s >= S(1) - S(1e-5));
+  }
+  bool keep_positive(S s, S max_negative) const { return !mine || s - epsilon < max_negative; }
+  bool keep_negative(S s, S min_positive) const { return !mine || s + epsilon > min_positive; }
+};
+
+// log(1 + sum_k exp(a_k)) accumulated chunk by chunk with a running max (the 1 is the virtual
+// pair exp(0), so the max starts at 0 and every shift is finite).
+template <class S>
+struct LogOnePlusSumExp {
+  S max = 0;
+  S sum = 1;
+
+  // args: exponents (-inf where not a member); in: 1 for members, 0 otherwise.
+  template <class A, class B>
+  void add(const Eigen::ArrayBase<A>& args, const Eigen::ArrayBase<B>& in) {
+    const S top = std::max(max, args.maxCoeff());
+    sum = sum * std::exp(max - top) + (in * (args - top).exp()).sum();
+    max = top;
+  }
+  S value() const { return max + std::log(sum); }
+};
+
+// How many pairs of one anchor the mining kept.
+struct KeptPairs {
+  Index positives = 0, negatives = 0;
+};
+
+// Per anchor: mining bounds, the two sums, and how many pairs were kept.
+template <class S>
+struct AnchorState {
+  S min_positive = std::numeric_limits<S>::infinity();
+  S max_negative = -std::numeric_limits<S>::infinity();
+  LogOnePlusSumExp<S> positive, negative;
+  KeptPairs kept;
+};
+
+// Buffers for one tile of pairs (N x tile): similarity, exponents, memberships, dL/dS.
+template <class S>
+struct PairTile {
+  RowMatrix<S> similarity, arg_positive, arg_negative, in_positive, in_negative, gradient;
+
+  void resize(Index rows, Index cols) {
+    for (RowMatrix<S>* m : {&similarity, &arg_positive, &arg_negative, &in_positive, &in_negative, &gradient})
+      m->resize(rows, cols);
+  }
+};
+
+// Exponents of row i's pairs in columns [0, width): alpha (base - s) on positives, beta (s - base)
+// on negatives (-inf elsewhere), with memberships in_positive / in_negative.
+template <class S, class Kind>
+KeptPairs fill_row_arguments(PairTile<S>& tile, Index i, Index width, S alpha, S beta, S base, Kind&& kind) {
+  constexpr S minus_inf = -std::numeric_limits<S>::infinity();
+  const S* s = tile.similarity.row(i).data();
+  S* ap = tile.arg_positive.row(i).data();
+  S* an = tile.arg_negative.row(i).data();
+  S* ip = tile.in_positive.row(i).data();
+  S* in = tile.in_negative.row(i).data();
+  KeptPairs kept;
+  for (Index k = 0; k < width; ++k) {
+    const int which = kind(k, s[k]);  // +1 positive, -1 negative, 0 neither
+    ap[k] = which > 0 ? alpha * (base - s[k]) : minus_inf;
+    an[k] = which < 0 ? beta * (s[k] - base) : minus_inf;
+    ip[k] = S(which > 0);
+    in[k] = S(which < 0);
+    kept.positives += which > 0;
+    kept.negatives += which < 0;
+  }
+  return kept;
+}
+
+// Adds row i's exponents to the anchor's sums and counts.
+template <class S>
+void add_row_sums(const PairTile<S>& tile, Index i, Index width, KeptPairs kept, AnchorState<S>& state) {
+  state.kept.positives += kept.positives;
+  state.kept.negatives += kept.negatives;
+  state.positive.add(tile.arg_positive.row(i).head(width).array(), tile.in_positive.row(i).head(width).array());
+  state.negative.add(tile.arg_negative.row(i).head(width).array(), tile.in_negative.row(i).head(width).array());
+}
+
+// dL/dS for row i: scale * (w-_ik on negatives - w+_ik on positives).
+template <class S>
+void row_gradient(PairTile<S>& tile, Index i, Index width, S lse_positive, S lse_negative, S scale) {
+  tile.gradient.row(i).head(width).array() =
+      scale * (tile.in_negative.row(i).head(width).array() *
+                   (tile.arg_negative.row(i).head(width).array() - lse_negative).exp() -
+               tile.in_positive.row(i).head(width).array() *
+                   (tile.arg_positive.row(i).head(width).array() - lse_positive).exp());
+}
+
+template <class S>
+bool anchor_counts(const AnchorState<S>& state, bool official) {
+  return !official || (state.kept.positives > 0 && state.kept.negatives > 0);
+}
+
+template <class S>
+S anchor_loss(const AnchorState<S>& state, S alpha, S beta) {
+  return state.positive.value() / alpha + state.negative.value() / beta;
+}
+
+inline void check_options(const char* function, const MultiSimilarityOptions& o) {
+  require_positive(function, "options.alpha", o.alpha);
+  require_finite(function, "options.alpha", o.alpha);
+  require_positive(function, "options.beta", o.beta);
+  require_finite(function, "options.beta", o.beta);
+  require_finite(function, "options.base", o.base);
+  require_nonnegative(function, "options.epsilon", o.epsilon);
+  require_finite(function, "options.epsilon", o.epsilon);
+  require(o.tile > 0, function, "options.tile", "a value > 0", static_cast<long long>(o.tile));
+}
+
+}  // namespace detail
+
+// Cosine similarity of every pair of rows: Xhat Xhat^T, or Qhat Rhat^T. Zero rows are an error.
+template <class DQ, class DR>
+RowMatrix<typename DQ::Scalar> cosine_similarity(const Eigen::MatrixBase<DQ>& Q, const Eigen::MatrixBase<DR>& R) {
+  using S = typename DQ::Scalar;
+  static_assert(std::is_same_v<S, typename DR::Scalar>, "cosine_similarity: Q and R must have the same scalar type");
+  detail::require_size("cosine_similarity", "R", R.cols(), Q.cols(), "columns (columns of Q)");
+  const Eigen::Ref<const RowMatrix<S>> q(Q.derived()), r(R.derived());
+  Vector<S> q_inverse, r_inverse;
+  detail::inverse_row_norms<S>(q, "cosine_similarity", "Q", q_inverse);
+  detail::inverse_row_norms<S>(r, "cosine_similarity", "R", r_inverse);
+  return q_inverse.asDiagonal() * (q * r.transpose()) * r_inverse.asDiagonal();
+}
+
+template <class D>
+RowMatrix<typename D::Scalar> cosine_similarity(const Eigen::MatrixBase<D>& X) {
+  return cosine_similarity(X, X);
+}
+
+// The epsilon-margin pair miner alone: masks or index lists on a given similarity matrix.
+//   auto masks = gradus::MultiSimilarityMiner({.epsilon = 0.1}).masks(gradus::cosine_similarity(X), y);
+class MultiSimilarityMiner {
+ public:
+  using Options = MultiSimilarityMinerOptions;
+
+  explicit MultiSimilarityMiner(Options options = {}) : options_(options) {
+    detail::require_nonnegative("MultiSimilarityMiner", "options.epsilon", options.epsilon);
+  }
+
+  const Options& options() const { return options_; }
+
+  // Within one batch: S is N x N over the same rows (the diagonal is never a pair).
+  template <class D>
+  PairMasks masks(const Eigen::MatrixBase<D>& similarity, const Eigen::Ref<const Labels>& labels) const {
+    detail::require_size("MultiSimilarityMiner::masks", "similarity", similarity.cols(), similarity.rows(),
+                         "columns (a square matrix over one batch)");
+    return mine(similarity, labels, labels, true);
+  }
+
+  // Queries (rows) against a reference set (columns).
+  template <class D>
+  PairMasks masks(const Eigen::MatrixBase<D>& similarity, const Eigen::Ref<const Labels>& row_labels,
+                  const Eigen::Ref<const Labels>& column_labels) const {
+    return mine(similarity, row_labels, column_labels, false);
+  }
+
+  template <class D>
+  PairIndices pairs(const Eigen::MatrixBase<D>& similarity, const Eigen::Ref<const Labels>& labels) const {
+    return indices(masks(similarity, labels));
+  }
+
+  template <class D>
+  PairIndices pairs(const Eigen::MatrixBase<D>& similarity, const Eigen::Ref<const Labels>& row_labels,
+                    const Eigen::Ref<const Labels>& column_labels) const {
+    return indices(masks(similarity, row_labels, column_labels));
+  }
+
+  static PairIndices indices(const PairMasks& masks) {
+    PairIndices out;
+    for (Index i = 0; i < masks.positive.rows(); ++i) {
+      for (Index k = 0; k < masks.positive.cols(); ++k) {
+        if (masks.positive(i, k)) out.positive_anchors.push_back(i), out.positives.push_back(k);
+        if (masks.negative(i, k)) out.negative_anchors.push_back(i), out.negatives.push_back(k);
+      }
+    }
+    return out;
+  }
+
+ private:
+  template <class D>
+  PairMasks mine(const Eigen::MatrixBase<D>& similarity, const Eigen::Ref<const Labels>& row_labels,
+                 const Eigen::Ref<const Labels>& column_labels, bool self) const {
+    using S = typename D::Scalar;
+    detail::require_size("MultiSimilarityMiner::masks", "row_labels", row_labels.size(), similarity.rows(),
+                         "entries (rows of similarity)");
+    detail::require_size("MultiSimilarityMiner::masks", "column_labels", column_labels.size(), similarity.cols(),
+                         "entries (columns of similarity)");
+    const detail::PairRule<S> rule{S(options_.epsilon), true,
+                                   options_.semantics == MultiSimilaritySemantics::Official};
+    PairMasks out{decltype(PairMasks::positive)::Constant(similarity.rows(), similarity.cols(), false),
+                  decltype(PairMasks::negative)::Constant(similarity.rows(), similarity.cols(), false)};
+    for (Index i = 0; i < similarity.rows(); ++i) {
+      S min_positive = std::numeric_limits<S>::infinity(), max_negative = -std::numeric_limits<S>::infinity();
+      for (Index k = 0; k < similarity.cols(); ++k) {
+        const S s = similarity(i, k);
+        const bool same = row_labels(i) == column_labels(k);
+        if (rule.positive_candidate(same, self && i == k, s)) min_positive = std::min(min_positive, s);
+        if (!same) max_negative = std::max(max_negative, s);
+      }
+      for (Index k = 0; k < similarity.cols(); ++k) {
+        const S s = similarity(i, k);
+        const bool same = row_labels(i) == column_labels(k);
+        out.positive(i, k) = rule.positive_candidate(same, self && i == k, s) && rule.keep_positive(s, max_negative);
+        out.negative(i, k) = !same && rule.keep_negative(s, min_positive);
+      }
+    }
+    return out;
+  }
+
+  Options options_;
+};
+
+template <class S>
+class MultiSimilarityLoss {
+ public:
+  using Scalar = S;
+  using Options = MultiSimilarityOptions;
+
+  explicit MultiSimilarityLoss(Options options = {}) : options_(options) {
+    detail::check_options("MultiSimilarityLoss", options_);
+  }
+
+  const Options& options() const { return options_; }
+
+  // Embeddings (N x D, any scale) and their labels; pairs within the batch.
+  template <class D>
+  S value(const Eigen::MatrixBase<D>& embeddings, const Eigen::Ref<const Labels>& labels) const {
+    return fused("MultiSimilarityLoss::value", embeddings, labels, embeddings, labels, true, nullptr, nullptr);
+  }
+
+  // dembeddings (N x D) receives dL/dx through the L2 normalization.
+  template <class D>
+  S value_and_grad(const Eigen::MatrixBase<D>& embeddings, const Eigen::Ref<const Labels>& labels,
+                   Eigen::Ref<RowMatrix<S>> dembeddings) const {
+    return fused("MultiSimilarityLoss::value_and_grad", embeddings, labels, embeddings, labels, true, &dembeddings,
+                 nullptr);
+  }
+
+  // Queries (N x D) against a reference set (M x D), e.g. a cross-batch memory: every reference
+  // row with the query's label is a positive (no self pair is excluded), every other a negative.
+  template <class DQ, class DR>
+  S value(const Eigen::MatrixBase<DQ>& queries, const Eigen::Ref<const Labels>& query_labels,
+          const Eigen::MatrixBase<DR>& references, const Eigen::Ref<const Labels>& reference_labels) const {
+    return fused("MultiSimilarityLoss::value", queries, query_labels, references, reference_labels, false, nullptr,
+                 nullptr);
+  }
+
+  // dqueries (N x D) and, unless it is omitted (a memory bank needs none), dreferences (M x D).
+  template <class DQ, class DR>
+  S value_and_grad(const Eigen::MatrixBase<DQ>& queries, const Eigen::Ref<const Labels>& query_labels,
+                   const Eigen::MatrixBase<DR>& references, const Eigen::Ref<const Labels>& reference_labels,
+                   Eigen::Ref<RowMatrix<S>> dqueries, Eigen::Ref<RowMatrix<S>> dreferences) const {
+    return fused("MultiSimilarityLoss::value_and_grad", queries, query_labels, references, reference_labels, false,
+                 &dqueries, &dreferences);
+  }
+
+  template <class DQ, class DR>
+  S value_and_grad(const Eigen::MatrixBase<DQ>& queries, const Eigen::Ref<const Labels>& query_labels,
+                   const Eigen::MatrixBase<DR>& references, const Eigen::Ref<const Labels>& reference_labels,
+                   Eigen::Ref<RowMatrix<S>> dqueries) const {
+    return fused("MultiSimilarityLoss::value_and_grad", queries, query_labels, references, reference_labels, false,
+                 &dqueries, nullptr);
+  }
+
+  // The pair-weighting step alone, on a given similarity matrix (N x M) and mined pairs (for
+  // example from MultiSimilarityMiner); the mean is over the N rows. Only the per-anchor rule of
+  // the semantics applies here; the pairs are whatever `pairs` says.
+  template <class D>
+  S value_on_pairs(const Eigen::MatrixBase<D>& similarity, const PairMasks& pairs) const {
+    return on_pairs("MultiSimilarityLoss::value_on_pairs", similarity, pairs, nullptr);
+  }
+
+  // dsimilarity (N x M) receives dL/dS.
+  template <class D>
+  S value_and_grad_on_pairs(const Eigen::MatrixBase<D>& similarity, const PairMasks& pairs,
+                            Eigen::Ref<RowMatrix<S>> dsimilarity) const {
+    return on_pairs("MultiSimilarityLoss::value_and_grad_on_pairs", similarity, pairs, &dsimilarity);
+  }
+
+ private:
+  using Out = Eigen::Ref<RowMatrix<S>>;
+
+  bool official() const { return options_.semantics == MultiSimilaritySemantics::Official; }
+  S alpha() const { return S(options_.alpha); }
+  S beta() const { return S(options_.beta); }
+  S base() const { return S(options_.base); }
+
+  // Mean of the anchor losses; with `gradient`, fills the tile's dL/dS rows (after all sums).
+  S finish(Index rows) const {
+    S total = 0;
+    for (const auto& state : anchors_)
+      if (detail::anchor_counts(state, official())) total += detail::anchor_loss(state, alpha(), beta());
+    return total / S(rows);
+  }
+
+  void tile_gradient(Index width) const {
+    const S scale = S(1) / S(anchors_.size());
+    for (Index i = 0; i < static_cast<Index>(anchors_.size()); ++i) {
+      const auto& state = anchors_[static_cast<std::size_t>(i)];
+      detail::row_gradient(tile_, i, width, state.positive.value(), state.negative.value(),
+                           detail::anchor_counts(state, official()) ? scale : S(0));
+    }
+  }
+
+  template <class D>
+  S on_pairs(const char* function, const Eigen::MatrixBase<D>& similarity, const PairMasks& pairs, Out* dS) const {
+    static_assert(std::is_same_v<typename D::Scalar, S>, "MultiSimilarityLoss<S>: similarity must have scalar type S");
+    const Index n = similarity.rows(), m = similarity.cols();
+    detail::require_nonempty(function, "similarity", n);
+    for (const auto* mask : {&pairs.positive, &pairs.negative}) {
+      detail::require_size(function, "pairs", mask->rows(), n, "mask rows (rows of similarity)");
+      detail::require_size(function, "pairs", mask->cols(), m, "mask columns (columns of similarity)");
+    }
+    if (dS) {
+      detail::require_size(function, "dsimilarity", dS->rows(), n, "rows (rows of similarity)");
+      detail::require_size(function, "dsimilarity", dS->cols(), m, "columns (columns of similarity)");
+    }
+    tile_.resize(n, m);
+    tile_.similarity = similarity;
+    anchors_.assign(static_cast<std::size_t>(n), {});
+    for (Index i = 0; i < n; ++i) {
+      const auto kept = detail::fill_row_arguments(
+          tile_, i, m, alpha(), beta(), base(),
+          [&](Index k, S) { return int(pairs.positive(i, k)) - int(pairs.negative(i, k)); });
+      detail::add_row_sums(tile_, i, m, kept, anchors_[static_cast<std::size_t>(i)]);
+    }
+    if (dS) {
+      tile_gradient(m);
+      *dS = tile_.gradient;
+    }
+    return finish(n);
+  }
+
+  template <class DQ, class DR>
+  S fused(const char* function, const Eigen::MatrixBase<DQ>& Q, const Eigen::Ref<const Labels>& query_labels,
+          const Eigen::MatrixBase<DR>& R, const Eigen::Ref<const Labels>& reference_labels, bool self, Out* dQ,
+          Out* dR) const {
+    static_assert(std::is_same_v<typename DQ::Scalar, S> && std::is_same_v<typename DR::Scalar, S>,
+                  "MultiSimilarityLoss<S>: embeddings must have scalar type S");
+    const char* q_name = self ? "embeddings" : "queries";
+    const Index n = Q.rows(), m = R.rows(), d = Q.cols();
+    detail::require_nonempty(function, q_name, n);
+    detail::require_nonempty(function, q_name, d, "columns");
+    detail::require_size(function, self ? "labels" : "query_labels", query_labels.size(), n,
+                         self ? "entries (rows of embeddings)" : "entries (rows of queries)");
+    if (!self) {
+      detail::require_nonempty(function, "references", m);
+      detail::require_size(function, "references", R.cols(), d, "columns (columns of queries)");
+      detail::require_size(function, "reference_labels", reference_labels.size(), m, "entries (rows of references)");
+    }
+    if (dQ) {
+      detail::require_size(function, self ? "dembeddings" : "dqueries", dQ->rows(), n, "rows");
+      detail::require_size(function, self ? "dembeddings" : "dqueries", dQ->cols(), d, "columns");
+    }
+    if (dR) {
+      detail::require_size(function, "dreferences", dR->rows(), m, "rows (rows of references)");
+      detail::require_size(function, "dreferences", dR->cols(), d, "columns");
+    }
+    const Eigen::Ref<const RowMatrix<S>> q(Q.derived()), r(R.derived());
+    const bool finite = detail::inverse_row_norms<S>(q, function, q_name, q_inverse_) &
+                        detail::inverse_row_norms<S>(r, function, "references", r_inverse_);
+    if (!finite) return fill(dQ, dR, std::numeric_limits<S>::quiet_NaN());
+    q_hat_ = q_inverse_.asDiagonal() * q;
+
+    const Index width = std::min(options_.tile, m), tiles = (m + width - 1) / width;
+    tile_.resize(n, width);
+    r_hat_.resize(width, d);
+    Index loaded = -1;  // the tile whose similarities are in tile_.similarity
+    auto load = [&](Index t) {
+      if (loaded == t) return;
+      const Index c0 = t * width, w = std::min(width, m - c0);
+      r_hat_.topRows(w) = r_inverse_.segment(c0, w).asDiagonal() * r.middleRows(c0, w);
+      tile_.similarity.leftCols(w).noalias() = q_hat_ * r_hat_.topRows(w).transpose();
+      loaded = t;
+    };
+    const detail::PairRule<S> rule{S(options_.epsilon), options_.mine, official()};
+    anchors_.assign(static_cast<std::size_t>(n), {});
+    bool any_positive = false, any_negative = false;
+
+    // Pass 1: mining bounds over the unmined sets.
+    for (Index t = 0; t < tiles && options_.mine; ++t) {
+      load(t);
+      const Index c0 = t * width, w = std::min(width, m - c0);
+      for (Index i = 0; i < n; ++i) {
+        auto& state = anchors_[static_cast<std::size_t>(i)];
+        for (Index k = 0; k < w; ++k) {
+          const S s = tile_.similarity(i, k);
+          const bool same = query_labels(i) == reference_labels(c0 + k);
+          if (rule.positive_candidate(same, self && i == c0 + k, s)) state.min_positive = std::min(state.min_positive, s);
+          if (!same) state.max_negative = std::max(state.max_negative, s);
+        }
+      }
+    }
+    // Pass 2: exponents of the mined pairs and their online log-sum-exp.
+    Index arguments_of = -1;  // the tile whose exponents are in tile_
+    auto arguments = [&](Index t, bool sums) {
+      if (arguments_of == t) return;
+      load(t);
+      const Index c0 = t * width, w = std::min(width, m - c0);
+      for (Index i = 0; i < n; ++i) {
+        auto& state = anchors_[static_cast<std::size_t>(i)];
+        const int label = query_labels(i);
+        const auto kept = detail::fill_row_arguments(tile_, i, w, alpha(), beta(), base(), [&](Index k, S s) {
+                                     const bool same = label == reference_labels(c0 + k);
+                                     const bool diagonal = self && i == c0 + k;
+                                     any_positive |= same && !diagonal;
+                                     any_negative |= !same;
+                                     if (rule.positive_candidate(same, diagonal, s))
+                                       return rule.keep_positive(s, state.max_negative) ? 1 : 0;
+                                     return !same && rule.keep_negative(s, state.min_positive) ? -1 : 0;
+                                   });
+        if (sums) detail::add_row_sums(tile_, i, w, kept, state);
+      }
+      arguments_of = t;
+    };
+    for (Index t = 0; t < tiles; ++t) arguments(t, true);
+    if (!any_positive || !any_negative) return fill(dQ, dR, S(0));
+    const S loss = finish(n);
+    if (!dQ) return loss;
+
+    // Pass 3: G = dL/dS tile by tile; dQhat = G Rhat, dRhat = G^T Qhat, then back through the
+    // normalizations with qhat_i . dqhat_i = sum_k G_ik S_ik (and likewise for the references).
+    d_q_hat_.setZero(n, d);
+    gs_rows_.setZero(n);
+    for (Index t = 0; t < tiles; ++t) {
+      arguments(t, false);  // sums and counts are final: refill the exponents only
+      const Index c0 = t * width, w = std::min(width, m - c0);
+      tile_gradient(w);
+      const auto G = tile_.gradient.leftCols(w);
+      const auto Sim = tile_.similarity.leftCols(w);
+      gs_rows_ += (G.array() * Sim.array()).rowwise().sum().matrix();
+      if (self && tiles == 1) {
+        // One tile over the whole batch: d(Xhat) = (G + G^T) Xhat in a single product.
+        tile_.arg_positive = G + G.transpose();
+        d_q_hat_.noalias() = tile_.arg_positive * q_hat_;
+        gs_rows_ += (G.array() * Sim.array()).colwise().sum().matrix().transpose();
+        continue;
+      }
+      d_q_hat_.noalias() += G * r_hat_.topRows(w);
+      Out* target = self ? dQ : dR;  // in the batch form the reference rows are the embeddings
+      if (!target) continue;
+      gs_cols_ = (G.array() * Sim.array()).colwise().sum().matrix().transpose();
+      target->middleRows(c0, w).noalias() = G.transpose() * q_hat_;
+      target->middleRows(c0, w) -= gs_cols_.asDiagonal() * r_hat_.topRows(w);
+      target->middleRows(c0, w) = r_inverse_.segment(c0, w).asDiagonal() * target->middleRows(c0, w);
+    }
+    d_q_hat_ -= gs_rows_.asDiagonal() * q_hat_;
+    if (self && tiles > 1)
+      dQ->noalias() += q_inverse_.asDiagonal() * d_q_hat_;
+    else
+      dQ->noalias() = q_inverse_.asDiagonal() * d_q_hat_;
+    return loss;
+  }
+
+  static S fill(Out* dQ, Out* dR, S value) {
+    if (dQ) dQ->setConstant(value);
+    if (dR) dR->setConstant(value);
+    return value;
+  }
+
+  Options options_;
+  // Scratch reused across calls (no allocation once the shapes repeat).
+  mutable std::vector<detail::AnchorState<S>> anchors_;
+  mutable detail::PairTile<S> tile_;
+  mutable Vector<S> q_inverse_, r_inverse_, gs_rows_, gs_cols_;
+  mutable RowMatrix<S> q_hat_, r_hat_, d_q_hat_;
+};
+
+}  // namespace gradus
