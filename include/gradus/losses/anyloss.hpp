@@ -1,0 +1,339 @@
+#pragma once
+// AnyLoss (Han, Moniz, Chawla, KDD 2024): any confusion-matrix metric as a differentiable loss.
+//
+// Binary (logits z: an N-vector or N x 1): p_i = sigmoid(z_i), or p_i = z_i with
+// .input = AnyLossInput::Probabilities. The approximation function with amplifying scale L
+//   a_i = A(p_i) = 1 / (1 + exp(-L (p_i - 1/2)))
+// pushes p_i towards 0 or 1 while keeping a gradient, and gives the soft confusion matrix of
+// the batch (N = the batch's own size, never the training set's):
+//   TP = sum y_i a_i    FN = sum y_i (1 - a_i)    FP = sum (1 - y_i) a_i    TN = sum (1 - y_i)(1 - a_i)
+// loss = 1 - M(TP, FN, FP, TN), for the built-in metrics
+//   Accuracy          (TP + TN) / (TP + FN + FP + TN)
+//   F_beta            (1 + b^2) TP / ((1 + b^2) TP + b^2 FN + FP + s)          (F1: b = 1)
+//   GMean             sqrt(TP / (TP + FN + s) * TN / (TN + FP + s))
+//   BalancedAccuracy  (TP / (TP + FN + s) + TN / (TN + FP + s)) / 2
+// or any user metric M(TP, FN, FP, TN) written once as a template. The partials of M come
+// from forward-mode dual numbers (core/dual.hpp), and the gradient couples the batch:
+//   dloss/dz_i = -(y_i (M_TP - M_FN) + (1 - y_i)(M_FP - M_TN)) * L a_i (1 - a_i) * p_i (1 - p_i).
+//
+// Multi-class (N x C logits, C >= 2; beyond the paper): p = softmax of each row, one soft
+// confusion matrix per class c (one-vs-rest, y_i = [label_i == c], a_ic = A(p_ic)), and
+// loss = 1 - (1/C) sum_c M_c (macro average). For C = 2 the symmetric metrics (accuracy,
+// G-mean, balanced accuracy) equal the binary loss on z_1 - z_0; F1 averages both classes' F1.
+//
+// L: the authors' code uses 73 (the default); 10-40 is the stable range on real data, large
+// L collapses training when few p_i lie near 1/2. The stabilizer s (default 0) is the
+// authors' s = 1e-5 added to the denominators that vanish on a one-class batch: with s = 0,
+// a batch where the metric is undefined (G-mean or balanced accuracy without positives or
+// without negatives) throws gradus::invalid_argument. Non-finite inputs propagate as NaN.
+
+#include <algorithm>
+#include <cmath>
+#include <concepts>
+#include <string>
+#include <string_view>
+#include <type_traits>
+#include <utility>
+
+#include <Eigen/Core>
+
+#include "gradus/core/dual.hpp"
+#include "gradus/core/errors.hpp"
+#include "gradus/core/types.hpp"
+
+namespace gradus {
+
+enum class Metric { Accuracy, F1, FBeta, GMean, BalancedAccuracy };
+
+// What the loss receives: logits (sigmoid, or softmax over a row of C >= 2) or probabilities.
+enum class AnyLossInput { Logits, Probabilities };
+
+// The built-in metrics as one function of the four counts, for plain numbers (hard counts
+// from a test set) and dual numbers alike: ConfusionMetric{Metric::F1}(tp, fn, fp, tn).
+struct ConfusionMetric {
+  Metric metric = Metric::F1;
+  double beta = 1;        // Metric::FBeta only
+  double stabilizer = 0;  // added to the denominators of F_beta, TP rate and TN rate
+
+  template <class T>
+  T operator()(const T& tp, const T& fn, const T& fp, const T& tn) const {
+    using std::sqrt;
+    const T s(stabilizer);
+    switch (metric) {
+      case Metric::Accuracy:
+        return (tp + tn) / (tp + fn + fp + tn);
+      case Metric::F1:
+        return 2 * tp / (2 * tp + fn + fp + s);
+      case Metric::FBeta: {
+        const T b2(beta * beta);
+        return (1 + b2) * tp / ((1 + b2) * tp + b2 * fn + fp + s);
+      }
+      case Metric::GMean:
+        return sqrt(tp / (tp + fn + s) * (tn / (tn + fp + s)));
+      case Metric::BalancedAccuracy:
+        return (tp / (tp + fn + s) + tn / (tn + fp + s)) / 2;
+    }
+    return T(0);  // unreachable for a valid enumerator
+  }
+};
+
+template <class S>
+struct AnyLossOptions {
+  Metric metric = Metric::F1;  // ignored when the loss is given a user metric
+  S amplify = 73;              // L; authors' code. 10-40 is the stable range on real data
+  S beta = 1;                  // for Metric::FBeta
+  AnyLossInput input = AnyLossInput::Logits;
+  S stabilizer = 0;            // 0: throw where the metric is undefined; authors' value 1e-5
+};
+
+namespace detail {
+
+// Soft confusion matrix of one (one-vs-rest) problem. Summed in double: a float sum of a
+// million terms keeps only ~7 digits, and the metric differences matter at that scale.
+struct SoftCounts {
+  double tp = 0, fn = 0, fp = 0, tn = 0;
+  Index positives = 0, negatives = 0;
+};
+
+// M and the loss's derivative with respect to a_i, which depends only on y_i:
+// dloss/da_i = positive for y_i = 1, negative for y_i = 0 (loss = 1 - M).
+struct MetricSlopes {
+  double metric, positive, negative;
+};
+
+template <class F>
+MetricSlopes metric_slopes(const F& metric, const SoftCounts& k, std::string_view function, std::string_view which) {
+  using D = Dual<double, 4>;
+  const D m = metric(D::variable(k.tp, 0), D::variable(k.fn, 1), D::variable(k.fp, 2), D::variable(k.tn, 3));
+  // A class with no sample in the batch has no a_i to differentiate: its slope is unused.
+  const double positive = k.positives > 0 ? m.grad[1] - m.grad[0] : 0;
+  const double negative = k.negatives > 0 ? m.grad[3] - m.grad[2] : 0;
+  const bool counts_finite = std::isfinite(k.tp + k.fn + k.fp + k.tn);
+  if (counts_finite && !std::isfinite(m.value + positive + negative)) {
+    throw_invalid_argument(function, "labels",
+                           "a batch on which the metric is defined (or options.stabilizer > 0 for a built-in metric)",
+                           std::string(which) + "TP=" + to_text(k.tp) + ", FN=" + to_text(k.fn) + ", FP=" +
+                               to_text(k.fp) + ", TN=" + to_text(k.tn) + " (" + to_text(k.positives) +
+                               " positives, " + to_text(k.negatives) + " negatives)");
+  }
+  return {m.value, positive, negative};
+}
+
+// a = A(p) = sigmoid(L (p - 1/2)) and 1 - a, the latter without cancellation (it is ~1e-16
+// for confident samples, and G-mean divides by such sums). One exp, no temporary; an exp
+// that over- or underflows still gives exact 0 and 1.
+template <class P, class A>
+void amplify(const Eigen::ArrayBase<P>& p, typename P::Scalar L, A& a, A& not_a) {
+  using S = typename P::Scalar;
+  a = (-L * (p - S(0.5))).exp();
+  not_a = (S(1) + a.inverse()).inverse();
+  a = (S(1) + a).inverse();
+}
+
+// Fixed-capacity stack arrays: the binary kernel runs in blocks that stay in L1.
+inline constexpr int kAnyLossBlock = 256;
+template <class S>
+using AnyLossBlock = Eigen::Array<S, Eigen::Dynamic, 1, Eigen::ColMajor, kAnyLossBlock, 1>;
+
+// Binary pass 1 over one block: soft counts, and with `weight` the chain factor
+// da_i/dz_i = L a (1 - a) p (1 - p) (or da_i/dp_i without the sigmoid).
+template <class S>
+void binary_block(const S* z, const int* y, Index n, S L, bool logits, SoftCounts& k, S* weight) {
+  using Block = AnyLossBlock<S>;
+  const Eigen::Map<const Eigen::Array<S, Eigen::Dynamic, 1>> zb(z, n);
+  Block p(n), not_p(n);
+  if (logits) {  // one exp: e = exp(-z), p = 1/(1+e), 1-p = 1/(1+1/e); exact at z = +-inf
+    const Block e = (-zb).exp();
+    p = (S(1) + e).inverse();
+    not_p = (S(1) + e.inverse()).inverse();
+  } else {
+    p = zb;
+    not_p = S(1) - zb;
+  }
+  Block a(n), not_a(n);
+  amplify(p, L, a, not_a);
+  const Block positive = Eigen::Map<const Eigen::ArrayXi>(y, n).template cast<S>();
+  const Block negative = S(1) - positive;
+  k.tp += static_cast<double>((positive * a).sum());
+  k.fn += static_cast<double>((positive * not_a).sum());
+  k.fp += static_cast<double>((negative * a).sum());
+  k.tn += static_cast<double>((negative * not_a).sum());
+  if (weight != nullptr) {
+    Eigen::Map<Eigen::Array<S, Eigen::Dynamic, 1>> w(weight, n);
+    w = L * a * not_a;
+    if (logits) w *= p * not_p;
+  }
+}
+
+template <class S>
+void softmax_rows(const Eigen::Ref<const RowMatrix<S>>& Z, RowMatrix<S>& P) {
+  P.resize(Z.rows(), Z.cols());  // no-op after the first call at a given shape
+  for (Index i = 0; i < Z.rows(); ++i) {
+    P.row(i) = (Z.row(i).array() - Z.row(i).maxCoeff()).exp();
+    P.row(i) /= P.row(i).sum();
+  }
+}
+
+}  // namespace detail
+
+// AnyLoss<S>({.metric = Metric::GMean, .amplify = 30}) for a built-in metric;
+// any_loss<S>(metric, options) (or AnyLoss<S, F>(metric, options)) for a user metric F,
+// a callable template of (TP, FN, FP, TN), e.g. Matthews correlation:
+//   auto mcc = [](auto tp, auto fn, auto fp, auto tn) {
+//     return (tp * tn - fp * fn) / sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn));
+//   };
+// A batch loss: value and gradient couple all rows, there is no per-sample `values`.
+template <class S, class MetricFn = ConfusionMetric>
+class AnyLoss {
+ public:
+  using Scalar = S;
+  using Options = AnyLossOptions<S>;
+
+  explicit AnyLoss(const Options& options = {})
+    requires std::same_as<MetricFn, ConfusionMetric>
+      : AnyLoss(options, ConfusionMetric{options.metric, double(options.beta), double(options.stabilizer)}) {}
+
+  explicit AnyLoss(MetricFn metric, const Options& options = {})
+    requires(!std::same_as<MetricFn, ConfusionMetric>)
+      : AnyLoss(options, std::move(metric)) {}
+
+  const Options& options() const { return options_; }
+  const MetricFn& metric() const { return metric_; }
+
+  // Z: N logits (a vector or N x 1) for binary labels {0, 1}, or N x C (C >= 2) for labels in [0, C).
+  template <class DZ, class DY>
+  S value(const Eigen::MatrixBase<DZ>& Z, const Eigen::MatrixBase<DY>& labels) const {
+    static_assert(std::is_same_v<typename DZ::Scalar, S>, "AnyLoss<S>: inputs must have scalar type S");
+    return evaluate("AnyLoss::value", Z, labels, nullptr);
+  }
+
+  // Writes dZ (sized like Z by the caller) = d loss / d Z and returns the loss.
+  template <class DZ, class DY>
+  S value_and_grad(const Eigen::MatrixBase<DZ>& Z, const Eigen::MatrixBase<DY>& labels,
+                   Eigen::Ref<RowMatrix<S>> dZ) const {
+    static_assert(std::is_same_v<typename DZ::Scalar, S>, "AnyLoss<S>: inputs must have scalar type S");
+    constexpr std::string_view function = "AnyLoss::value_and_grad";
+    detail::require_size(function, "dZ", dZ.rows(), Z.rows(), "rows (rows of Z)");
+    detail::require_size(function, "dZ", dZ.cols(), Z.cols(), "columns (columns of Z)");
+    return evaluate(function, Z, labels, &dZ);
+  }
+
+ private:
+  AnyLoss(const Options& options, MetricFn metric) : metric_(std::move(metric)), options_(options) {
+    detail::require_positive("AnyLoss", "options.amplify", options.amplify);
+    detail::require_finite("AnyLoss", "options.amplify", options.amplify);
+    detail::require_positive("AnyLoss", "options.beta", options.beta);
+    detail::require_finite("AnyLoss", "options.beta", options.beta);
+    detail::require_nonnegative("AnyLoss", "options.stabilizer", options.stabilizer);
+    detail::require_finite("AnyLoss", "options.stabilizer", options.stabilizer);
+  }
+
+  bool logits() const { return options_.input == AnyLossInput::Logits; }
+
+  template <class DZ, class DY>
+  S evaluate(std::string_view function, const Eigen::MatrixBase<DZ>& Z_in, const Eigen::MatrixBase<DY>& labels_in,
+             Eigen::Ref<RowMatrix<S>>* dZ) const {
+    static_assert(std::is_same_v<typename DY::Scalar, int>, "AnyLoss: labels must be integers (gradus::Labels)");
+    const Eigen::Ref<const RowMatrix<S>> Z(Z_in);  // binds vectors and matrices without a copy
+    const Eigen::Ref<const Labels> labels(labels_in);
+    const std::string_view name = logits() ? "Z (logits)" : "Z (probabilities)";
+    detail::require_nonempty(function, name, Z.rows());
+    detail::require_nonempty(function, name, Z.cols(), "columns");
+    detail::require_size(function, "labels", labels.size(), Z.rows(), "entries (rows of Z)");
+    detail::require_labels(function, "labels", labels, Z.cols() == 1 ? 2 : Z.cols());
+    if (!logits()) require_probabilities(function, name, Z);
+    return Z.cols() == 1 ? binary(function, Z, labels, dZ) : multiclass(function, Z, labels, dZ);
+  }
+
+  S binary(std::string_view function, const Eigen::Ref<const RowMatrix<S>>& Z, const Eigen::Ref<const Labels>& labels,
+           Eigen::Ref<RowMatrix<S>>* dZ) const {
+    const Index n = Z.rows();
+    detail::SoftCounts counts;
+    for (Index start = 0; start < n; start += detail::kAnyLossBlock) {
+      const Index size = std::min<Index>(detail::kAnyLossBlock, n - start);
+      detail::binary_block(Z.data() + start, labels.data() + start, size, options_.amplify, logits(), counts,
+                           dZ ? dZ->data() + start : nullptr);
+    }
+    counts.positives = labels.sum();
+    counts.negatives = n - counts.positives;
+    const detail::MetricSlopes slopes = detail::metric_slopes(metric_, counts, function, "");
+    if (dZ) {  // dz_i = slope(y_i) * da_i/dz_i, the latter stored in dZ by pass 1
+      const S negative = static_cast<S>(slopes.negative), step = static_cast<S>(slopes.positive - slopes.negative);
+      dZ->col(0).array() *= negative + step * labels.array().template cast<S>();
+    }
+    return static_cast<S>(1 - slopes.metric);
+  }
+
+  S multiclass(std::string_view function, const Eigen::Ref<const RowMatrix<S>>& Z,
+               const Eigen::Ref<const Labels>& labels, Eigen::Ref<RowMatrix<S>>* dZ) const {
+    const Index n = Z.rows(), classes = Z.cols();
+    if (logits()) detail::softmax_rows<S>(Z, probabilities_);
+    const auto& P = logits() ? Eigen::Ref<const RowMatrix<S>>(probabilities_) : Z;
+    // Columns TP, FN, FP, TN per class; each row adds a to FP and 1 - a to TN except at its
+    // label, which goes to TP and FN (zeroed before the add, so nothing cancels).
+    counts_.setZero(classes, 4);
+    positives_.setZero(classes);
+    Eigen::Array<S, 1, Eigen::Dynamic> a(classes), not_a(classes);
+    for (Index i = 0; i < n; ++i) {
+      const int y = labels(i);
+      detail::amplify(P.row(i).array(), options_.amplify, a, not_a);
+      if (dZ) dZ->row(i).array() = options_.amplify * a * not_a;
+      counts_(y, 0) += static_cast<double>(a(y));
+      counts_(y, 1) += static_cast<double>(not_a(y));
+      a(y) = not_a(y) = 0;
+      counts_.col(2) += a.transpose().template cast<double>();
+      counts_.col(3) += not_a.transpose().template cast<double>();
+      ++positives_(y);
+    }
+    double metric_sum = 0;
+    slopes_.resize(classes, 2);
+    for (Index c = 0; c < classes; ++c) {
+      const detail::SoftCounts k{counts_(c, 0), counts_(c, 1), counts_(c, 2), counts_(c, 3), positives_(c),
+                                 n - positives_(c)};
+      const auto s = detail::metric_slopes(metric_, k, function, "class " + detail::to_text(c) + ": ");
+      metric_sum += s.metric;
+      slopes_(c, 0) = static_cast<S>(s.positive / double(classes));
+      slopes_(c, 1) = static_cast<S>(s.negative / double(classes));
+    }
+    if (dZ) {
+      for (Index i = 0; i < n; ++i) {
+        auto g = dZ->row(i).array();  // holds da_ic/dp_ic; becomes dloss/dp_ic = slope_c(y_i) da_ic/dp_ic
+        const int y = labels(i);
+        const S label_weight = g(y);
+        g *= slopes_.col(1).transpose();
+        g(y) = label_weight * slopes_(y, 0);
+        if (logits()) {  // through the softmax: dz = p * (g - <p, g>)
+          const auto p = P.row(i).array();
+          g = p * (g - (p * g).sum());
+        }
+      }
+    }
+    return static_cast<S>(1 - metric_sum / double(classes));
+  }
+
+  static void require_probabilities(std::string_view function, std::string_view name,
+                                    const Eigen::Ref<const RowMatrix<S>>& Z) {
+    for (Index i = 0; i < Z.size(); ++i) {
+      const S p = Z.data()[i];
+      if (p < 0 || p > 1) {
+        detail::throw_invalid_argument(function, name, "probabilities in [0, 1]",
+                                       detail::to_text(p) + " at index " + detail::to_text(i));
+      }
+    }
+  }
+
+  MetricFn metric_;
+  Options options_;
+  // Multi-class scratch, reused across calls of the same shape.
+  mutable RowMatrix<S> probabilities_;
+  mutable Eigen::Array<double, Eigen::Dynamic, 4> counts_;
+  mutable Eigen::Array<Index, Eigen::Dynamic, 1> positives_;
+  mutable Eigen::Array<S, Eigen::Dynamic, 2> slopes_;
+};
+
+template <class S, class MetricFn>
+AnyLoss<S, MetricFn> any_loss(MetricFn metric, const AnyLossOptions<S>& options = {}) {
+  return AnyLoss<S, MetricFn>(std::move(metric), options);
+}
+
+}  // namespace gradus

@@ -1,0 +1,415 @@
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <gradus/core/compose.hpp>
+#include <gradus/core/concepts.hpp>
+#include <gradus/core/dual.hpp>
+#include <gradus/losses/anyloss.hpp>
+#include <gradus/testing/gradient_check.hpp>
+
+using namespace gradus;
+
+namespace {
+
+// User metrics, written once as templates of the four counts.
+const auto mcc = [](auto tp, auto fn, auto fp, auto tn) {
+  return (tp * tn - fp * fn) / sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn));
+};
+const auto jaccard = [](auto tp, auto fn, auto fp, auto) { return tp / (tp + fn + fp); };
+const auto f1_by_hand = [](auto tp, auto fn, auto fp, auto) { return 2 * tp / (2 * tp + fn + fp); };
+
+const Metric kMetrics[] = {Metric::Accuracy, Metric::F1, Metric::FBeta, Metric::GMean, Metric::BalancedAccuracy};
+const Index kSizes[] = {1, 2, 3, 7, 8, 9, 17, 64, 1000};
+
+bool needs_both_classes(Metric m) { return m == Metric::GMean || m == Metric::BalancedAccuracy; }
+
+RowMatrix<double> uniform(Index rows, Index cols, double low, double high, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<double> u(low, high);
+  RowMatrix<double> Z(rows, cols);
+  for (Index i = 0; i < Z.size(); ++i) Z.data()[i] = u(rng);
+  return Z;
+}
+
+// Labels i % classes for multi-class; 1 on every third row for binary (both classes from N = 2).
+Labels make_labels(Index n, Index classes) {
+  Labels y(n);
+  for (Index i = 0; i < n; ++i) y(i) = classes == 2 ? int(i % 3 == 0) : int(i % classes);
+  return y;
+}
+
+template <class S>
+AnyLossOptions<S> options_as(const AnyLossOptions<double>& o) {
+  return {o.metric, S(o.amplify), S(o.beta), o.input, S(o.stabilizer)};
+}
+
+Eigen::Map<const Eigen::VectorXd> flat(const RowMatrix<double>& M) { return {M.data(), M.size()}; }
+
+// value_and_grad of `loss` (scalar S) against central differences of `reference` (double) at
+// the same point; the float gradient is held to a looser tolerance.
+template <class S, class Loss, class Reference>
+void check_against_fd(const Loss& loss, const Reference& reference, const RowMatrix<double>& Z, const Labels& y) {
+  const RowMatrix<S> Zs = Z.cast<S>();
+  const RowMatrix<double> point = Zs.template cast<double>();
+  RowMatrix<S> dZ(Z.rows(), Z.cols());
+  const S value = loss.value_and_grad(Zs, y, dZ);
+  const bool is_float = std::is_same_v<S, float>;
+  CHECK(double(value) == Approx(reference.value(point, y)).margin(is_float ? 1e-5 : 1e-12));
+  CHECK(double(loss.value(Zs, y)) == Approx(double(value)).margin(is_float ? 1e-6 : 1e-14));
+  auto f = [&](const Eigen::VectorXd& x) {
+    return reference.value(Eigen::Map<const RowMatrix<double>>(x.data(), Z.rows(), Z.cols()), y);
+  };
+  testing::GradientCheckOptions options;
+  options.tolerance = is_float ? 2e-3 : 1e-5;
+  // Central differences of a loss of size ~1 carry ~1e-11 of rounding noise at this step.
+  options.step = 1e-5;
+  options.scale_floor = is_float ? 1e-4 / double(Z.rows()) : 1e-6;
+  options.max_coordinates = 64;
+  const RowMatrix<double> analytic = dZ.template cast<double>();
+  const auto report = testing::check_gradient(f, flat(point), flat(analytic), options);
+  INFO(report.summary());
+  CHECK(report.ok);
+}
+
+// Brute-force soft confusion matrix of binary probabilities, in double.
+struct Soft {
+  double tp = 0, fn = 0, fp = 0, tn = 0, positives = 0, negatives = 0;
+  std::vector<double> a;
+};
+
+Soft soft_counts(const Eigen::VectorXd& p, const Labels& y, double L) {
+  Soft k;
+  for (Index i = 0; i < p.size(); ++i) {
+    const double a = 1 / (1 + std::exp(-L * (p(i) - 0.5)));
+    k.a.push_back(a);
+    (y(i) == 1 ? k.tp : k.fp) += a;
+    (y(i) == 1 ? k.fn : k.tn) += 1 - a;
+    (y(i) == 1 ? k.positives : k.negatives) += 1;
+  }
+  return k;
+}
+
+Eigen::VectorXd sigmoid(const Eigen::VectorXd& z) { return (1 + (-z.array()).exp()).inverse().matrix(); }
+
+}  // namespace
+
+TEST_CASE("Dual numbers: derivatives of arithmetic and math functions", "[anyloss][dual]") {
+  auto f = [](auto x, auto y) {
+    using std::exp;
+    using std::log;
+    using std::max;
+    using std::min;
+    using std::pow;
+    using std::sqrt;
+    return x * y / (x + 3) + sqrt(x) - exp(y) / 2 + log(x) * pow(y, 3.0) - 1 / (2 - y) + max(x, y) * min(x, 0.5 * y);
+  };
+  using D = Dual<double, 2>;
+  for (const auto& [x, y] : {std::pair{0.7, 1.3}, std::pair{2.5, -0.4}}) {
+    const D r = f(D::variable(x, 0), D::variable(y, 1));
+    CHECK(r.value == Approx(f(x, y)).epsilon(1e-15));
+    Eigen::Vector2d at(x, y), grad(r.grad[0], r.grad[1]);
+    const auto report = testing::check_gradient([&](const Eigen::VectorXd& v) { return f(v(0), v(1)); }, at, grad);
+    INFO(report.summary());
+    CHECK(report.ok);
+  }
+  // A zero tangent stays zero where the derivative is infinite.
+  const D root = sqrt(D::variable(0, 0) * 0.0 + D(0));
+  CHECK(root.grad[0] == 0);
+  CHECK(root.grad[1] == 0);
+  CHECK(abs(D::variable(-2, 1)).grad[1] == -1);
+}
+
+TEMPLATE_TEST_CASE("AnyLoss built-in metrics: gradient matches finite differences", "[anyloss]", float, double) {
+  struct Setting {
+    double amplify, low, high;
+    AnyLossInput input;
+  };
+  // L = 73 has gradient only near p = 1/2, so its inputs stay near there.
+  const Setting settings[] = {{73, -0.4, 0.4, AnyLossInput::Logits},
+                              {10, -3, 3, AnyLossInput::Logits},
+                              {73, 0.4, 0.6, AnyLossInput::Probabilities},
+                              {10, 0.02, 0.98, AnyLossInput::Probabilities}};
+  for (const Metric metric : kMetrics) {
+    for (const auto& s : settings) {
+      for (const Index n : kSizes) {
+        if (n == 1 && needs_both_classes(metric)) continue;
+        const AnyLossOptions<double> o{.metric = metric, .amplify = s.amplify, .beta = 2, .input = s.input};
+        INFO("metric " << int(metric) << ", L " << s.amplify << ", input " << int(s.input) << ", N " << n);
+        check_against_fd<TestType>(AnyLoss<TestType>(options_as<TestType>(o)), AnyLoss<double>(o),
+                                   uniform(n, 1, s.low, s.high, unsigned(n)), make_labels(n, 2));
+      }
+    }
+  }
+}
+
+TEMPLATE_TEST_CASE("AnyLoss user metrics through dual numbers", "[anyloss]", float, double) {
+  const AnyLossOptions<double> o{.amplify = 10};
+  for (const Index n : {2, 3, 9, 17, 64}) {
+    const RowMatrix<double> z = uniform(n, 1, -2, 2, unsigned(n) + 7);
+    const Labels y = make_labels(n, 2);
+    check_against_fd<TestType>(any_loss<TestType>(mcc, options_as<TestType>(o)), any_loss<double>(mcc, o), z, y);
+    check_against_fd<TestType>(any_loss<TestType>(jaccard, options_as<TestType>(o)), any_loss<double>(jaccard, o), z,
+                               y);
+  }
+  const RowMatrix<double> Z = uniform(17, 3, -2, 2, 3);
+  check_against_fd<TestType>(any_loss<TestType>(mcc, options_as<TestType>(o)), any_loss<double>(mcc, o), Z,
+                             make_labels(17, 3));
+}
+
+TEST_CASE("AnyLoss: a user metric equal to a built-in gives the same loss and gradient", "[anyloss]") {
+  const RowMatrix<double> z = uniform(64, 1, -1, 1, 11);
+  const Labels y = make_labels(64, 2);
+  RowMatrix<double> built_in(64, 1), by_hand(64, 1), j(64, 1);
+  const double f1 = AnyLoss<double>({.metric = Metric::F1, .amplify = 20}).value_and_grad(z, y, built_in);
+  const double user = any_loss<double>(f1_by_hand, {.amplify = 20}).value_and_grad(z, y, by_hand);
+  CHECK(user == Approx(f1).epsilon(1e-14));
+  CHECK((built_in - by_hand).cwiseAbs().maxCoeff() < 1e-15);
+  // Jaccard = F1 / (2 - F1) on the same soft counts.
+  const double jac = any_loss<double>(jaccard, {.amplify = 20}).value(z, y);
+  CHECK(1 - jac == Approx((1 - f1) / (1 + f1)).epsilon(1e-13));
+}
+
+TEST_CASE("AnyLoss matches a brute-force oracle and the closed-form gradients", "[anyloss]") {
+  const double L = 15, b = 0.5;
+  for (const Index n : {2, 9, 64}) {
+    const Eigen::VectorXd p = uniform(n, 1, 0.05, 0.95, unsigned(n));
+    const Labels y = make_labels(n, 2);
+    const Soft k = soft_counts(p, y, L);
+    const double P = k.positives, Nn = k.negatives, N = double(n), S = k.tp + k.fp;
+    const double G = std::sqrt(k.tp / P * k.tn / Nn), D = b * b * P + S;
+    struct Expected {
+      Metric metric;
+      double value;
+      double (*slope)(double y, double tp, double tn, double P, double Nn, double N, double D, double G, double b);
+    };
+    const Expected cases[] = {
+        {Metric::Accuracy, (k.tp + k.tn) / N, [](double y, double, double, double, double, double N, double, double,
+                                                 double) { return (2 * y - 1) / N; }},
+        {Metric::FBeta, (1 + b * b) * k.tp / D, [](double y, double tp, double, double, double, double, double D,
+                                                   double, double b) { return (1 + b * b) * (y * D - tp) / (D * D); }},
+        {Metric::GMean, G, [](double y, double tp, double tn, double P, double Nn, double, double, double G,
+                              double) { return (y * tn - (1 - y) * tp) / (2 * G * P * Nn); }},
+        // Balanced accuracy's closed form (N (TP + P) - P (S + P)) / (2 P Nn), slope (y/P - (1-y)/Nn)/2.
+        {Metric::BalancedAccuracy, (N * (k.tp + P) - P * (S + P)) / (2 * P * Nn),
+         [](double y, double, double, double P, double Nn, double, double, double, double) {
+           return (y / P - (1 - y) / Nn) / 2;
+         }},
+    };
+    for (const auto& e : cases) {
+      INFO("metric " << int(e.metric) << ", N " << n);
+      const AnyLoss<double> loss({.metric = e.metric, .amplify = L, .beta = b, .input = AnyLossInput::Probabilities});
+      Eigen::VectorXd grad(n);
+      CHECK(loss.value_and_grad(p, y, grad) == Approx(1 - e.value).epsilon(1e-13));
+      for (Index i = 0; i < n; ++i) {
+        const double a = k.a[std::size_t(i)];
+        const double expected = -e.slope(y(i), k.tp, k.tn, P, Nn, N, D, G, b) * L * a * (1 - a);
+        CHECK(grad(i) == Approx(expected).epsilon(1e-12).margin(1e-300));
+      }
+    }
+    // Logits: the same counts through p = sigmoid(z), and N is the batch's own size.
+    const Eigen::VectorXd z = uniform(n, 1, -1, 1, unsigned(n) + 1);
+    const Soft kz = soft_counts(sigmoid(z), y, L);
+    CHECK(AnyLoss<double>({.metric = Metric::Accuracy, .amplify = L}).value(z, y) ==
+          Approx(1 - (kz.tp + kz.tn) / N).epsilon(1e-13));
+  }
+}
+
+TEMPLATE_TEST_CASE("AnyLoss approaches the hard metric as L grows", "[anyloss]", float, double) {
+  // 40 samples, 12 positives, confidently classified (|z| = 8) with 3 false negatives and 5 false positives.
+  const Index n = 40;
+  Labels y(n);
+  Vector<TestType> z(n);
+  for (Index i = 0; i < n; ++i) {
+    y(i) = i < 12;
+    const bool predicted = (i < 9) || (i >= 12 && i < 17);
+    z(i) = predicted ? TestType(8) : TestType(-8);
+  }
+  const double tp = 9, fn = 3, fp = 5, tn = 23;
+  for (const Metric metric : kMetrics) {
+    const double hard = ConfusionMetric{metric, 2.0}(tp, fn, fp, tn);
+    const double soft = AnyLoss<TestType>({.metric = metric, .beta = 2}).value(z, y);
+    CHECK(1 - soft == Approx(hard).margin(std::is_same_v<TestType, float> ? 1e-6 : 1e-12));
+    // Moderately confident inputs (|z| = 2): the gap shrinks as L grows.
+    double previous = INFINITY;
+    for (const double L : {5.0, 10.0, 30.0, 73.0}) {
+      const double gap =
+          std::abs(1 - AnyLoss<TestType>({.metric = metric, .amplify = TestType(L), .beta = 2}).value(z / 4, y) - hard);
+      CHECK(gap < previous);
+      previous = gap;
+    }
+    CHECK(previous < 1e-4);
+  }
+}
+
+TEMPLATE_TEST_CASE("AnyLoss multi-class: gradients, one-vs-rest oracle, C = 2 reduces to binary", "[anyloss]", float,
+                   double) {
+  SECTION("finite differences") {
+    for (const Metric metric : kMetrics) {
+      for (const auto& [n, c] : {std::pair<Index, Index>{7, 3}, {17, 3}, {64, 5}, {64, 9}}) {
+        INFO("metric " << int(metric) << ", N " << n << ", C " << c);
+        const AnyLossOptions<double> o{.metric = metric, .amplify = 10};
+        check_against_fd<TestType>(AnyLoss<TestType>(options_as<TestType>(o)), AnyLoss<double>(o),
+                                   uniform(n, c, -2, 2, unsigned(n * c)), make_labels(n, c));
+      }
+    }
+  }
+  SECTION("macro average of one-vs-rest binary losses") {
+    const Index n = 30, c = 4;
+    RowMatrix<double> P = uniform(n, c, 0.01, 1, 5);
+    P.array().colwise() /= P.rowwise().sum().array();
+    const Labels y = make_labels(n, c);
+    for (const Metric metric : kMetrics) {
+      const AnyLossOptions<double> o{.metric = metric, .amplify = 12, .input = AnyLossInput::Probabilities};
+      RowMatrix<double> dP(n, c);
+      const double multi = AnyLoss<double>(o).value_and_grad(P, y, dP);
+      double sum = 0;
+      for (Index k = 0; k < c; ++k) {
+        const Labels one_vs_rest = (y.array() == int(k)).cast<int>();
+        Eigen::VectorXd g(n);
+        sum += AnyLoss<double>(o).value_and_grad(P.col(k), one_vs_rest, g);
+        CHECK((dP.col(k) - g / double(c)).cwiseAbs().maxCoeff() < 1e-14);
+      }
+      CHECK(multi == Approx(sum / double(c)).epsilon(1e-13));
+    }
+  }
+  SECTION("C = 2") {
+    const Index n = 33;
+    const RowMatrix<double> z = uniform(n, 1, -1, 1, 9);
+    RowMatrix<TestType> Z2(n, 2);
+    Z2.col(0).setZero();
+    Z2.col(1) = z.cast<TestType>();
+    const Labels y = make_labels(n, 2);
+    const double tol = std::is_same_v<TestType, float> ? 1e-5 : 1e-12;
+    for (const Metric metric : {Metric::Accuracy, Metric::GMean, Metric::BalancedAccuracy}) {
+      const AnyLoss<TestType> loss({.metric = metric, .amplify = 20});
+      RowMatrix<TestType> d2(n, 2), d1(n, 1);
+      const double multi = loss.value_and_grad(Z2, y, d2);
+      CHECK(multi == Approx(double(loss.value_and_grad(Z2.col(1), y, d1))).margin(tol));
+      CHECK((d2.col(1) - d1).cwiseAbs().maxCoeff() < tol);
+      CHECK((d2.col(0) + d1).cwiseAbs().maxCoeff() < tol);
+    }
+    // F1 is not symmetric in the classes: macro-F1 averages the F1 of both.
+    const AnyLoss<TestType> f1({.metric = Metric::F1, .amplify = 20});
+    const Labels flipped = 1 - y.array();
+    const double both = (f1.value(Z2.col(1), y) + f1.value(-Z2.col(1), flipped)) / 2;
+    CHECK(double(f1.value(Z2, y)) == Approx(both).margin(tol));
+  }
+}
+
+TEMPLATE_TEST_CASE("AnyLoss is stable at extreme logits", "[anyloss]", float, double) {
+  using S = TestType;
+  const Index n = 9;
+  const Labels y = make_labels(n, 2);
+  Vector<S> z(n);
+  for (Index i = 0; i < n; ++i) z(i) = (i % 2 == 0) ? S(1e4) : S(-1e4);
+  for (const Metric metric : kMetrics) {
+    const AnyLoss<S> loss({.metric = metric});
+    Vector<S> grad(n);
+    const S value = loss.value_and_grad(z, y, grad);
+    // Hard counts: positives at 0, 3, 6 (predicted 1, 0, 1); predicted positive at even i.
+    const double hard = ConfusionMetric{metric}(2.0, 1.0, 3.0, 3.0);
+    CHECK(double(value) == Approx(1 - hard).margin(1e-6));
+    CHECK(grad.allFinite());
+  }
+  RowMatrix<S> Z(n, 3);
+  for (Index i = 0; i < Z.size(); ++i) Z.data()[i] = S(i % 4 == 0 ? 1e4 : -1e4);
+  RowMatrix<S> dZ(n, 3);
+  const S value = AnyLoss<S>({.metric = Metric::BalancedAccuracy}).value_and_grad(Z, make_labels(n, 3), dZ);
+  CHECK(std::isfinite(value));
+  CHECK(dZ.allFinite());
+}
+
+TEST_CASE("AnyLoss composes with models and other losses", "[anyloss]") {
+  static_assert(PredictionLoss<AnyLoss<float>>);
+  static_assert(PredictionLoss<AnyLoss<double>>);
+  static_assert(PredictionLoss<AnyLoss<double, decltype(mcc)>>);
+  const RowMatrix<double> Z = uniform(20, 1, -1, 1, 2);
+  const Eigen::VectorXd z = Z.col(0);
+  const Labels y = make_labels(20, 2);
+  const AnyLoss<double> f1({.metric = Metric::F1, .amplify = 20});
+  const AnyLoss<double> gmean({.metric = Metric::GMean, .amplify = 20});
+  RowMatrix<double> dZ(20, 1);
+  Eigen::VectorXd dz(20);
+  CHECK(f1.value_and_grad(Z, y, dZ) == f1.value_and_grad(z, y, dz));  // N x 1 and N-vector alike
+  CHECK(dZ.col(0) == dz);
+  CHECK(f1.value(2.0 * z, y) == f1.value(Eigen::VectorXd(2.0 * z), y));  // expressions work
+
+  const auto mix = 0.25 * f1 + 0.75 * gmean;
+  RowMatrix<double> dmix(20, 1), dg(20, 1);
+  const double expected = 0.25 * f1.value_and_grad(Z, y, dZ) + 0.75 * gmean.value_and_grad(Z, y, dg);
+  CHECK(mix.value_and_grad(Z, y, dmix) == Approx(expected).epsilon(1e-14));
+  CHECK((dmix - 0.25 * dZ - 0.75 * dg).cwiseAbs().maxCoeff() < 1e-15);
+}
+
+TEST_CASE("AnyLoss rejects bad input with gradus::invalid_argument", "[anyloss]") {
+  const AnyLoss<double> loss;
+  const Eigen::VectorXd z = uniform(6, 1, -1, 1, 4);
+  Labels y = make_labels(6, 2);
+  Eigen::VectorXd g(6);
+  auto throws_naming = [](auto&& call, const std::string& what) {
+    try {
+      call();
+      FAIL("no throw");
+    } catch (const gradus::invalid_argument& e) {
+      INFO(e.what());
+      CHECK(std::string(e.what()).find(what) != std::string::npos);
+    }
+  };
+
+  SECTION("hyperparameters") {
+    for (const double L : {0.0, -1.0, double(NAN), double(INFINITY)}) throws_naming([&] { AnyLoss<double>({.amplify = L}); }, "'options.amplify'");
+    for (const double b : {0.0, -2.0, double(NAN)}) throws_naming([&] { AnyLoss<double>({.beta = b}); }, "'options.beta'");
+    for (const double s : {-1e-5, double(NAN)}) throws_naming([&] { AnyLoss<double>({.stabilizer = s}); }, "'options.stabilizer'");
+    throws_naming([&] { any_loss<float>(mcc, {.amplify = -3}); }, "'options.amplify'");
+  }
+  SECTION("shapes and labels") {
+    throws_naming([&] { loss.value(Eigen::VectorXd(0), Labels(0)); }, "'Z (logits)'");
+    throws_naming([&] { loss.value(RowMatrix<double>(3, 0), Labels(3)); }, "columns");
+    throws_naming([&] { loss.value(z, Labels(5)); }, "'labels': expected 6 entries");
+    Eigen::VectorXd short_grad(5);
+    throws_naming([&] { loss.value_and_grad(z, y, short_grad); }, "'dZ'");
+    RowMatrix<double> wide(6, 2);
+    throws_naming([&] { loss.value_and_grad(z, y, wide); }, "'dZ'");
+    y(2) = 2;
+    throws_naming([&] { loss.value(z, y); }, "labels in [0, 2), got 2 at index 2");
+    y(2) = -1;
+    throws_naming([&] { loss.value(z, y); }, "got -1 at index 2");
+    throws_naming([&] { loss.value(uniform(6, 3, -1, 1, 1), make_labels(6, 4)); }, "labels in [0, 3), got 3");
+    const AnyLoss<double> probabilities({.input = AnyLossInput::Probabilities});
+    throws_naming([&] { probabilities.value(Eigen::VectorXd::Constant(6, 1.5), make_labels(6, 2)); },
+                  "'Z (probabilities)': expected probabilities in [0, 1], got 1.5");
+  }
+  SECTION("a one-class batch where the metric is undefined, and the opt-in stabilizer") {
+    for (const Metric metric : {Metric::GMean, Metric::BalancedAccuracy}) {
+      for (const int label : {0, 1}) {
+        const Labels one_class = Labels::Constant(6, label);
+        throws_naming([&] { AnyLoss<double>({.metric = metric}).value(z, one_class); }, "options.stabilizer");
+        const AnyLossOptions<double> o{.metric = metric, .amplify = 10, .stabilizer = 1e-5};
+        check_against_fd<double>(AnyLoss<double>(o), AnyLoss<double>(o), z, one_class);
+        check_against_fd<float>(AnyLoss<float>(options_as<float>(o)), AnyLoss<double>(o), z, one_class);
+      }
+      // Multi-class: class 2 absent from the batch.
+      throws_naming([&] { AnyLoss<double>({.metric = metric}).value(uniform(6, 3, -1, 1, 2), make_labels(6, 2)); },
+                    "class 2: TP=0");
+    }
+    throws_naming([&] { any_loss<double>(mcc).value(z, Labels::Zero(6)); }, "'labels'");
+    // F1 without positives is defined: F1 = 0, constant.
+    const AnyLoss<double> f1({.metric = Metric::F1});
+    CHECK(f1.value_and_grad(z, Labels::Zero(6), g) == 1);
+    CHECK(g.isZero());
+  }
+  SECTION("non-finite inputs propagate as NaN") {
+    Eigen::VectorXd bad = z;
+    bad(3) = NAN;
+    CHECK(std::isnan(loss.value_and_grad(bad, y, g)));
+    CHECK(g.array().isNaN().any());
+    bad(3) = INFINITY;
+    CHECK(std::isfinite(loss.value_and_grad(bad, y, g)));
+    CHECK(g.allFinite());
+  }
+}
