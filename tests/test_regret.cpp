@@ -45,7 +45,7 @@ MatD normal_matrix(Index rows, Index cols, unsigned seed, double scale = 1) {
 }
 
 MatD softmax_of(MatD z) {
-  detail::softmax_rows<double>(z);
+  detail::softmax_rows_in_place<double>(z);
   return z;
 }
 

@@ -98,7 +98,7 @@ void require_simplex_rows(std::string_view function, std::string_view argument,
 
 // In place, row by row: z <- softmax(z), max-shifted.
 template <class S>
-void softmax_rows(Eigen::Ref<RowMatrix<S>> z) {
+void softmax_rows_in_place(Eigen::Ref<RowMatrix<S>> z) {
   for (Index r = 0; r < z.rows(); ++r) {
     auto row = z.row(r).array();
     row -= row.maxCoeff();
@@ -179,7 +179,7 @@ class RegretLoss {
     Vector<S> regrets(k);
     if (options_.from_logits) {
       RowMatrix<S> pi = policies;
-      detail::softmax_rows<S>(pi);
+      detail::softmax_rows_in_place<S>(pi);
       detail::sequence_regrets<S>(losses, pi, rounds, regrets);
     } else {
       detail::sequence_regrets<S>(losses, policies, rounds, regrets);
@@ -195,7 +195,7 @@ class RegretLoss {
                           losses.cols());
     if (options_.from_logits) {  // grad holds pi until the last pass
       grad = policies;
-      detail::softmax_rows<S>(grad);
+      detail::softmax_rows_in_place<S>(grad);
     }
     const Eigen::Ref<const RowMatrix<S>> pi = options_.from_logits ? Eigen::Ref<const RowMatrix<S>>(grad) : policies;
     Vector<S> regrets(k), dregrets(k);

@@ -81,7 +81,7 @@ class Hedge {
 
   void policies(const Eigen::Ref<const RowMatrix<S>>& losses, Index rounds, Eigen::Ref<RowMatrix<S>> policies) const {
     logits(losses, rounds, policies);
-    detail::softmax_rows<S>(policies);
+    detail::softmax_rows_in_place<S>(policies);
   }
 
  private:
