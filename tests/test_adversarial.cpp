@@ -1,0 +1,323 @@
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <cstdio>
+#include <string>
+
+#include <Eigen/SVD>
+
+#include <gradus/losses/adversarial.hpp>
+#include <gradus/models/linear.hpp>
+#include <gradus/models/mlp.hpp>
+#include <gradus/testing/gradient_check.hpp>
+
+using namespace gradus;
+
+namespace {
+
+template <class S>
+RowMatrix<S> random_inputs(Index rows, Index cols, unsigned seed) {
+  std::srand(seed);
+  return RowMatrix<double>::Random(rows, cols).cast<S>();
+}
+
+Labels random_labels(Index rows, int classes, unsigned seed) {
+  std::srand(seed);
+  Labels y(rows);
+  for (Index i = 0; i < rows; ++i) y(i) = std::rand() % classes;
+  return y;
+}
+
+// Brute-force loop oracle of l_tau(z / rho, y) + nu * ||Delta(z_adv) - Delta(z)||_2 (mean).
+double oracle(const RowMatrix<double>& Z, const RowMatrix<double>& Z_adv, const Labels& y, double tau, double rho,
+              double nu) {
+  double total = 0;
+  for (Index i = 0; i < Z.rows(); ++i) {
+    double normalizer = 0;
+    for (Index j = 0; j < Z.cols(); ++j) normalizer += std::exp((Z(i, j) - Z(i, y(i))) / rho);
+    const double p_y = 1 / normalizer;
+    total += tau == 1 ? -std::log(p_y) : (1 - std::pow(p_y, tau - 1)) / (tau - 1);
+    double squares = 0;
+    for (Index j = 0; j < Z.cols(); ++j) {
+      const double change = (Z_adv(i, y(i)) - Z_adv(i, j)) - (Z(i, y(i)) - Z(i, j));
+      squares += change * change;
+    }
+    total += nu * std::sqrt(squares);
+  }
+  return total / double(Z.rows());
+}
+
+// The margin Jacobian of a linear model at label y: rows w_y - w_j (W is D x C).
+Eigen::MatrixXd margin_jacobian(const LinearModel<double>& model, const Vector<double>& theta, int y) {
+  const RowMatrix<double> W = model.weights(theta);
+  Eigen::MatrixXd A(W.cols(), W.rows());
+  for (Index j = 0; j < W.cols(); ++j) A.row(j) = (W.col(y) - W.col(j)).transpose();
+  return A;
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("nu = 0 is the comp-sum loss of h / rho", "[adversarial]", float, double) {
+  using S = TestType;
+  for (auto [n, d, c] : {std::tuple{1, 1, 2}, {3, 7, 3}, {8, 9, 9}, {17, 2, 8}}) {
+    const LinearModel<S> model(d, c);
+    const Vector<S> theta = model.init_params(7);
+    const RowMatrix<S> X = random_inputs<S>(n, d, 3);
+    const Labels y = random_labels(n, c, 4);
+    for (S tau : {S(0), S(1), S(1.5)}) {
+      const S rho = S(0.6);
+      const SmoothAdversarialLoss<S> loss({.tau = tau, .rho = rho, .nu = 0, .gamma = S(0.3)});
+      const CompSumLoss<S> comp_sum({.tau = tau});
+      RowMatrix<S> Z(n, c), dZ(n, c);
+      model.predict(theta, X, Z);
+      const S expected = comp_sum.value_and_grad(Z / rho, y, dZ);
+      Vector<S> expected_grad(model.num_params()), grad(model.num_params());
+      model.vjp_params(theta, X, dZ / rho, expected_grad);
+
+      CHECK(loss.value(model, theta, X, y) == Approx(expected).epsilon(1e-5));
+      CHECK(loss.value_and_grad(model, theta, X, y, grad) == Approx(expected).epsilon(1e-5));
+      CHECK((grad - expected_grad).norm() <= S(1e-5) * (S(1) + expected_grad.norm()));
+      Vector<S> per_sample(n), expected_per_sample(n);
+      loss.values(model, theta, X, y, per_sample);
+      comp_sum.values(Z / rho, y, expected_per_sample);
+      CHECK((per_sample - expected_per_sample).norm() <= S(1e-5) * (S(1) + expected_per_sample.norm()));
+    }
+  }
+}
+
+TEST_CASE("linear model, l2 ball: the ascent reaches gamma times the top singular value", "[adversarial]") {
+  const int n = 9, d = 7, c = 4;
+  const LinearModel<double> model(d, c);
+  const Vector<double> theta = model.init_params(11);
+  const RowMatrix<double> X = random_inputs<double>(n, d, 5);
+  const Labels y = random_labels(n, c, 6);
+  const double gamma = 0.5;
+  for (bool random_start : {true, false}) {
+    // Steps of size gamma: a step then the projection is a power iteration on I + c A^T A.
+    const SmoothAdversarialLoss<double> loss({.nu = 1, .gamma = gamma, .norm = PerturbationNorm::L2, .steps = 50,
+                                              .step_size = gamma, .random_start = random_start});
+    const SmoothAdversarialLoss<double> clean({.nu = 0});
+    Vector<double> with_term(n), without(n);
+    loss.values(model, theta, X, y, with_term);
+    clean.values(model, theta, X, y, without);
+    RowMatrix<double> X_adv(n, d);
+    loss.perturb(model, theta, X, y, X_adv);
+    for (Index i = 0; i < n; ++i) {
+      const double sigma = Eigen::JacobiSVD<Eigen::MatrixXd>(margin_jacobian(model, theta, y(i))).singularValues()(0);
+      CHECK(with_term(i) - without(i) == Approx(gamma * sigma).epsilon(1e-4));
+      CHECK((X_adv.row(i) - X.row(i)).norm() <= gamma * (1 + 1e-12));
+    }
+  }
+}
+
+TEST_CASE("linear model, l_inf ball: the ascent ends at a vertex, below the brute-force maximum", "[adversarial]") {
+  const int n = 8, d = 3, c = 5;
+  const LinearModel<double> model(d, c);
+  const Vector<double> theta = model.init_params(13);
+  const RowMatrix<double> X = random_inputs<double>(n, d, 8);
+  const Labels y = random_labels(n, c, 9);
+  const double gamma = 0.25;
+  const SmoothAdversarialLoss<double> loss({.nu = 1, .gamma = gamma, .steps = 40});
+  RowMatrix<double> X_adv(n, d);
+  loss.perturb(model, theta, X, y, X_adv);
+  int at_maximum = 0;
+  for (Index i = 0; i < n; ++i) {
+    const Eigen::MatrixXd A = margin_jacobian(model, theta, y(i));
+    double best = 0;
+    for (int corner = 0; corner < (1 << d); ++corner) {
+      Eigen::VectorXd delta(d);
+      for (int k = 0; k < d; ++k) delta(k) = (corner >> k & 1) ? gamma : -gamma;
+      best = std::max(best, (A * delta).norm());
+    }
+    const Eigen::VectorXd delta = (X_adv.row(i) - X.row(i)).transpose();
+    CHECK(delta.cwiseAbs().minCoeff() == Approx(gamma));
+    const double found = (A * delta).norm();
+    CHECK(found <= best * (1 + 1e-12));
+    at_maximum += found >= best * (1 - 1e-9);
+  }
+  CHECK(at_maximum >= n / 2);  // a convex function over a cube: local vertices can trap the ascent
+}
+
+TEMPLATE_TEST_CASE("the outer gradient, x' held fixed, matches finite differences", "[adversarial]", float, double) {
+  using S = TestType;
+  const int n = 9, d = 8, c = 3;
+  const RowMatrix<S> X = random_inputs<S>(n, d, 21);
+  const Labels y = random_labels(n, c, 22);
+  const LinearModel<S> linear(d, c);
+  const LinearModel<double> linear_double(d, c);
+  const MLP<S> mlp({d, 7, c}, Activation::Tanh);
+  const MLP<double> mlp_double({d, 7, c}, Activation::Tanh);
+  for (PerturbationNorm norm : {PerturbationNorm::Linf, PerturbationNorm::L2}) {
+    const SmoothAdversarialOptions<S> options{.tau = S(0.5), .rho = S(0.7), .nu = S(2), .gamma = S(0.4), .norm = norm};
+    const SmoothAdversarialLoss<S> loss(options);
+    const SmoothAdversarialLoss<double> loss_double({.tau = 0.5, .rho = 0.7, .nu = 2, .gamma = 0.4, .norm = norm});
+    auto check = [&](const auto& model, const auto& model_double) {
+      const Vector<S> theta = model.init_params(5);
+      RowMatrix<S> X_adv(n, d);
+      loss.perturb(model, theta, X, y, X_adv);
+      Vector<S> grad(model.num_params()), grad_at(model.num_params());
+      const S value = loss.value_and_grad(model, theta, X, y, grad);
+      CHECK(loss.value_and_grad_at(model, theta, X, X_adv, y, grad_at) == value);
+      CHECK(grad == grad_at);
+
+      // The value against the loop oracle.
+      RowMatrix<S> Z(n, c), Z_adv(n, c);
+      model.predict(theta, X, Z);
+      model.predict(theta, X_adv, Z_adv);
+      const double expected = oracle(Z.template cast<double>(), Z_adv.template cast<double>(), y, 0.5, 0.7, 2);
+      CHECK(value == Approx(expected).epsilon(std::is_same_v<S, float> ? 1e-5 : 1e-12));
+
+      // The gradient against central differences of the double implementation at the same x'.
+      const RowMatrix<double> Xd = X.template cast<double>(), X_adv_d = X_adv.template cast<double>();
+      Vector<double> scratch(model.num_params());
+      auto f = [&](const Eigen::VectorXd& t) {
+        return loss_double.value_and_grad_at(model_double, t, Xd, X_adv_d, y, scratch);
+      };
+      testing::GradientCheckOptions check_options;
+      if constexpr (std::is_same_v<S, float>) check_options = {.step = 1e-5, .tolerance = 2e-3};
+      else check_options = {.step = 1e-6, .tolerance = 1e-6};
+      const auto report = testing::check_gradient(f, theta.template cast<double>(), grad, check_options);
+      INFO(report.summary());
+      CHECK(report.ok);
+    };
+    check(linear, linear_double);
+    check(mlp, mlp_double);
+  }
+}
+
+TEMPLATE_TEST_CASE("the inner ascent is deterministic for a seed and stays in the ball", "[adversarial]", float,
+                   double) {
+  using S = TestType;
+  const int n = 17, d = 9, c = 3;
+  const MLP<S> model({d, 8, c}, Activation::Tanh);
+  const Vector<S> theta = model.init_params(1);
+  const RowMatrix<S> X = random_inputs<S>(n, d, 31);
+  const Labels y = random_labels(n, c, 32);
+  for (PerturbationNorm norm : {PerturbationNorm::Linf, PerturbationNorm::L2}) {
+    SmoothAdversarialLoss<S> loss({.gamma = S(0.2), .norm = norm, .steps = 5, .seed = 3});
+    RowMatrix<S> first(n, d), again(n, d), other(n, d);
+    loss.perturb(model, theta, X, y, first);
+    loss.perturb(model, theta, X, y, again);
+    loss.set_seed(4);
+    loss.perturb(model, theta, X, y, other);
+    CHECK(first == again);
+    CHECK(first != other);
+    for (Index i = 0; i < n; ++i) {
+      const auto delta = (first.row(i) - X.row(i)).eval();
+      const S size = norm == PerturbationNorm::Linf ? delta.cwiseAbs().maxCoeff() : delta.norm();
+      CHECK(size <= S(0.2) * (1 + 8 * std::numeric_limits<S>::epsilon()));
+    }
+  }
+}
+
+TEST_CASE("pgd_attack on a linear model reaches the closed-form worst case", "[adversarial]") {
+  // Two classes: the margin h_other - h_y = x (w_other - w_y) + const is linear, so the worst
+  // l_inf perturbation is gamma sign(w_other - w_y) and the worst l2 one gamma (w_o - w_y) / ||.||.
+  const int n = 7, d = 9;
+  const LinearModel<double> model(d, 2);
+  const Vector<double> theta = model.init_params(17);
+  const RowMatrix<double> X = random_inputs<double>(n, d, 41);
+  const Labels y = random_labels(n, 2, 42);
+  const RowMatrix<double> W = model.weights(theta);
+  for (PerturbationNorm norm : {PerturbationNorm::Linf, PerturbationNorm::L2}) {
+    RowMatrix<double> X_adv(n, d);
+    pgd_attack(model, theta, X, y, {.gamma = 0.3, .norm = norm, .steps = 20, .random_start = false}, X_adv);
+    for (Index i = 0; i < n; ++i) {
+      const Eigen::RowVectorXd direction = (W.col(1 - y(i)) - W.col(y(i))).transpose();
+      const Eigen::RowVectorXd expected = norm == PerturbationNorm::Linf
+                                              ? Eigen::RowVectorXd(0.3 * direction.array().sign())
+                                              : Eigen::RowVectorXd((0.3 / direction.norm()) * direction);
+      CHECK((X_adv.row(i) - X.row(i) - expected).norm() <= 1e-9);
+    }
+  }
+}
+
+TEMPLATE_TEST_CASE("pgd_attack respects the box and lowers accuracy", "[adversarial]", float, double) {
+  using S = TestType;
+  const int n = 64, d = 8, c = 3;
+  const LinearModel<S> model(d, c);
+  const Vector<S> theta = model.init_params(2);
+  const RowMatrix<S> X = (random_inputs<S>(n, d, 51).array() + 1) / 2;  // in [0, 1]
+  RowMatrix<S> Z(n, c);
+  model.predict(theta, X, Z);
+  Labels y(n);  // the model's own predictions: clean accuracy 1
+  for (Index i = 0; i < n; ++i) Z.row(i).maxCoeff(&y(i));
+  const PGDAttackOptions<S> options{.gamma = S(0.3), .seed = 9, .lower = 0, .upper = 1};
+  RowMatrix<S> X_adv(n, d);
+  pgd_attack(model, theta, X, y, options, X_adv);
+  CHECK(X_adv.minCoeff() >= 0);
+  CHECK(X_adv.maxCoeff() <= 1);
+  CHECK((X_adv - X).cwiseAbs().maxCoeff() <= S(0.3) * (1 + 8 * std::numeric_limits<S>::epsilon()));
+  const double robust = robust_accuracy(model, theta, X, y, options);
+  CHECK(robust < 1);
+  CHECK(robust_accuracy(model, theta, X, y, {.gamma = 0, .steps = 0}) == 1);
+}
+
+TEST_CASE("large logits in float give finite values and gradients", "[adversarial]") {
+  const int n = 3, d = 2, c = 3;
+  const LinearModel<float> model(d, c);
+  Vector<float> theta = model.init_params(3) * 1e4f;
+  const RowMatrix<float> X = random_inputs<float>(n, d, 61);
+  const Labels y = random_labels(n, c, 62);
+  const SmoothAdversarialLoss<float> loss({.gamma = 0.1f});
+  Vector<float> grad(model.num_params());
+  const float value = loss.value_and_grad(model, theta, X, y, grad);
+  CHECK(std::isfinite(value));
+  CHECK(grad.allFinite());
+}
+
+TEST_CASE("expressions are accepted as inputs", "[adversarial]") {
+  const LinearModel<double> model(3, 2);
+  const Vector<double> theta = model.init_params(1);
+  const RowMatrix<double> X = random_inputs<double>(4, 3, 71);
+  const Labels y = random_labels(4, 2, 72);
+  const SmoothAdversarialLoss<double> loss({.gamma = 0.1});
+  const RowMatrix<double> twice = 2 * X;
+  CHECK(loss.value(model, 1 * theta, 2 * X, (y.array() + 0).matrix()) == loss.value(model, theta, twice, y));
+}
+
+TEST_CASE("bad input throws gradus::invalid_argument naming the argument", "[adversarial]") {
+  using Loss = SmoothAdversarialLoss<double>;
+  CHECK_THROWS_WITH(Loss({.gamma = -0.1}), Catch::Contains("'options.gamma'"));
+  CHECK_THROWS_WITH(Loss({.gamma = NAN}), Catch::Contains("'options.gamma'"));
+  CHECK_THROWS_WITH(Loss({.nu = -1}), Catch::Contains("'options.nu'"));
+  CHECK_THROWS_WITH(Loss({.rho = 0}), Catch::Contains("'options.rho'"));
+  CHECK_THROWS_WITH(Loss({.rho = -2}), Catch::Contains("'options.rho'"));
+  CHECK_THROWS_WITH(Loss({.gamma = 0.1, .steps = 0}), Catch::Contains("'options.steps'"));
+  CHECK_THROWS_WITH(Loss({.step_size = -1}), Catch::Contains("'options.step_size'"));
+  CHECK_NOTHROW(Loss({.gamma = 0, .steps = 0}));
+
+  const LinearModel<double> model(3, 4);
+  const Vector<double> theta = model.init_params(1);
+  const RowMatrix<double> X = random_inputs<double>(5, 3, 81);
+  const Labels y = random_labels(5, 4, 82);
+  const Loss loss;
+  Vector<double> grad(model.num_params());
+  const std::string function = "gradus::SmoothAdversarialLoss::value_and_grad: ";
+  CHECK_THROWS_WITH(loss.value_and_grad(model, theta.head(4), X, y, grad),
+                    function + "argument 'theta': expected 16 entries (num_params), got 4");
+  CHECK_THROWS_WITH(loss.value_and_grad(model, theta, X.leftCols(2), y, grad),
+                    function + "argument 'X': expected 3 columns (num_inputs), got 2");
+  CHECK_THROWS_WITH(loss.value_and_grad(model, theta, X, y.head(4), grad),
+                    function + "argument 'labels': expected 5 entries (rows of X), got 4");
+  CHECK_THROWS_WITH(loss.value_and_grad(model, theta, X.topRows(0), y.head(0), grad), Catch::Contains("'X'"));
+  Labels bad = y;
+  bad(2) = 4;
+  CHECK_THROWS_WITH(loss.value_and_grad(model, theta, X, bad, grad), Catch::Contains("labels in [0, 4)"));
+  Vector<double> short_grad(3);
+  CHECK_THROWS_WITH(loss.value_and_grad(model, theta, X, y, short_grad), Catch::Contains("'dtheta'"));
+  RowMatrix<double> X_adv(4, 3);
+  CHECK_THROWS_WITH(loss.value_and_grad_at(model, theta, X, X_adv, y, grad), Catch::Contains("'X_adv'"));
+  CHECK_THROWS_WITH(loss.perturb(model, theta, X, y, X_adv), Catch::Contains("'X_adv'"));
+  Vector<double> per_sample(4);
+  CHECK_THROWS_WITH(loss.values(model, theta, X, y, per_sample), Catch::Contains("'per_sample'"));
+
+  RowMatrix<double> attacked(5, 3);
+  CHECK_THROWS_WITH(pgd_attack(model, theta, X, y, {.gamma = -1}, attacked), Catch::Contains("'options.gamma'"));
+  CHECK_THROWS_WITH(pgd_attack(model, theta, X, y, {.steps = 0}, attacked), Catch::Contains("'options.steps'"));
+  CHECK_THROWS_WITH(pgd_attack(model, theta, X, y, {.lower = 1, .upper = 0}, attacked),
+                    Catch::Contains("'options.lower'"));
+  const LinearModel<double> one_output(3, 1);
+  CHECK_THROWS_WITH(pgd_attack(one_output, one_output.init_params(1), X, Labels::Zero(5), {}, attacked),
+                    Catch::Contains("'model'"));
+}
