@@ -101,22 +101,6 @@ bool inverse_row_norms(const Eigen::Ref<const RowMatrix<S>>& X, const char* func
   return finite;
 }
 
-// Which pairs the mining keeps, shared by the miner and the fused loss.
-template <class S>
-struct PairRule {
-  S epsilon;
-  bool mine;
-  bool official;
-
-  // A positive of the unmined set: same label, not the anchor itself, and in the official
-  // semantics not (numerically) identical to the anchor.
-  bool positive_candidate(bool same, bool diagonal, S s) const {
-    return same && !diagonal && !(official && s >= S(1) - S(1e-5));
-  }
-  bool keep_positive(S s, S max_negative) const { return !mine || s - epsilon < max_negative; }
-  bool keep_negative(S s, S min_positive) const { return !mine || s + epsilon > min_positive; }
-};
-
 // log(1 + sum_k exp(a_k)) accumulated chunk by chunk with a running max (the 1 is the virtual
 // pair exp(0), so the max starts at 0 and every shift is finite).
 template <class S>
@@ -124,7 +108,8 @@ struct LogOnePlusSumExp {
   S max = 0;
   S sum = 1;
 
-  // args: exponents (-inf where not a member); in: 1 for members, 0 otherwise.
+  // args: exponents (-inf where not a member); in: 1 for members, 0 otherwise. Eigen's exp of
+  // -inf is a tiny number rather than 0, hence the memberships.
   template <class A, class B>
   void add(const Eigen::ArrayBase<A>& args, const Eigen::ArrayBase<B>& in) {
     const S top = std::max(max, args.maxCoeff());
@@ -139,7 +124,7 @@ struct KeptPairs {
   Index positives = 0, negatives = 0;
 };
 
-// Per anchor: mining bounds, the two sums, and how many pairs were kept.
+// Per anchor: mining bounds over the unmined sets, the two sums, and the kept counts.
 template <class S>
 struct AnchorState {
   S min_positive = std::numeric_limits<S>::infinity();
@@ -159,36 +144,80 @@ struct PairTile {
   }
 };
 
-// Exponents of row i's pairs in columns [0, width): alpha (base - s) on positives, beta (s - base)
-// on negatives (-inf elsewhere), with memberships in_positive / in_negative.
-template <class S, class Kind>
-KeptPairs fill_row_arguments(PairTile<S>& tile, Index i, Index width, S alpha, S beta, S base, Kind&& kind) {
-  constexpr S minus_inf = -std::numeric_limits<S>::infinity();
+// What decides which of anchor i's pairs in a tile are pairs at all.
+template <class S>
+struct RowPairs {
+  const int* column_labels;  // labels of the tile's columns
+  int label;                 // the anchor's
+  Index diagonal;            // the anchor's own column in this tile, or -1
+  S drop_at;                 // same-label pairs with s >= drop_at are not positives (official semantics)
+};
+
+// The row loops below are branch-free so that the compiler vectorizes them; the self pair is
+// patched afterwards instead of being tested in the loop.
+
+// Updates the mining bounds min over positives / max over negatives with row i of the tile
+// (the exponent buffers serve as scratch).
+template <class S>
+void update_mining_bounds(PairTile<S>& tile, Index i, Index width, const RowPairs<S>& row, AnchorState<S>& state) {
+  constexpr S inf = std::numeric_limits<S>::infinity();
   const S* s = tile.similarity.row(i).data();
-  S* ap = tile.arg_positive.row(i).data();
-  S* an = tile.arg_negative.row(i).data();
-  S* ip = tile.in_positive.row(i).data();
-  S* in = tile.in_negative.row(i).data();
-  KeptPairs kept;
+  S* low = tile.arg_positive.row(i).data();
+  S* high = tile.arg_negative.row(i).data();
   for (Index k = 0; k < width; ++k) {
-    const int which = kind(k, s[k]);  // +1 positive, -1 negative, 0 neither
-    ap[k] = which > 0 ? alpha * (base - s[k]) : minus_inf;
-    an[k] = which < 0 ? beta * (s[k] - base) : minus_inf;
-    ip[k] = S(which > 0);
-    in[k] = S(which < 0);
-    kept.positives += which > 0;
-    kept.negatives += which < 0;
+    const bool same = row.column_labels[k] == row.label;
+    low[k] = same & (s[k] < row.drop_at) ? s[k] : inf;
+    high[k] = same ? -inf : s[k];
   }
-  return kept;
+  if (row.diagonal >= 0 && row.diagonal < width) low[row.diagonal] = inf;
+  state.min_positive = std::min(state.min_positive, tile.arg_positive.row(i).head(width).minCoeff());
+  state.max_negative = std::max(state.max_negative, tile.arg_negative.row(i).head(width).maxCoeff());
 }
 
-// Adds row i's exponents to the anchor's sums and counts.
+// Memberships of row i's mined pairs: positive iff s - eps < max_negative, negative iff
+// s + eps > min_positive. Returns the number of same-label pairs (the self pair excluded).
 template <class S>
-void add_row_sums(const PairTile<S>& tile, Index i, Index width, KeptPairs kept, AnchorState<S>& state) {
-  state.kept.positives += kept.positives;
-  state.kept.negatives += kept.negatives;
-  state.positive.add(tile.arg_positive.row(i).head(width).array(), tile.in_positive.row(i).head(width).array());
-  state.negative.add(tile.arg_negative.row(i).head(width).array(), tile.in_negative.row(i).head(width).array());
+Index mine_row(PairTile<S>& tile, Index i, Index width, const RowPairs<S>& row, S epsilon,
+               const AnchorState<S>& state) {
+  const S* s = tile.similarity.row(i).data();
+  S* ip = tile.in_positive.row(i).data();
+  S* in = tile.in_negative.row(i).data();
+  Index same_label = 0;
+  for (Index k = 0; k < width; ++k) {
+    const bool same = row.column_labels[k] == row.label;
+    ip[k] = S(same & (s[k] < row.drop_at) & (s[k] - epsilon < state.max_negative));
+    in[k] = S(!same & (s[k] + epsilon > state.min_positive));
+    same_label += same;
+  }
+  if (row.diagonal >= 0 && row.diagonal < width) ip[row.diagonal] = 0, --same_label;
+  return same_label;
+}
+
+// Exponents of row i's member pairs: alpha (base - s) on positives, beta (s - base) on
+// negatives, -inf elsewhere.
+template <class S>
+void fill_exponents(PairTile<S>& tile, Index i, Index width, S alpha, S beta, S base) {
+  constexpr S minus_inf = -std::numeric_limits<S>::infinity();
+  const S* s = tile.similarity.row(i).data();
+  const S* ip = tile.in_positive.row(i).data();
+  const S* in = tile.in_negative.row(i).data();
+  S* ap = tile.arg_positive.row(i).data();
+  S* an = tile.arg_negative.row(i).data();
+  for (Index k = 0; k < width; ++k) {
+    ap[k] = ip[k] != S(0) ? alpha * (base - s[k]) : minus_inf;
+    an[k] = in[k] != S(0) ? beta * (s[k] - base) : minus_inf;
+  }
+}
+
+// Adds row i's member exponents to the anchor's sums and counts.
+template <class S>
+void add_row_sums(const PairTile<S>& tile, Index i, Index width, AnchorState<S>& state) {
+  const auto ip = tile.in_positive.row(i).head(width).array();
+  const auto in = tile.in_negative.row(i).head(width).array();
+  state.kept.positives += (ip != S(0)).count();
+  state.kept.negatives += (in != S(0)).count();
+  state.positive.add(tile.arg_positive.row(i).head(width).array(), ip);
+  state.negative.add(tile.arg_negative.row(i).head(width).array(), in);
 }
 
 // dL/dS for row i: scale * (w-_ik on negatives - w+_ik on positives).
@@ -209,6 +238,13 @@ bool anchor_counts(const AnchorState<S>& state, bool official) {
 template <class S>
 S anchor_loss(const AnchorState<S>& state, S alpha, S beta) {
   return state.positive.value() / alpha + state.negative.value() / beta;
+}
+
+// Same-label pairs at or above this similarity are not positives: 1 - 1e-5 in the official
+// semantics (it drops self pairs and duplicates), nothing otherwise.
+template <class S>
+S drop_positives_at(MultiSimilaritySemantics semantics) {
+  return semantics == MultiSimilaritySemantics::Official ? S(1) - S(1e-5) : std::numeric_limits<S>::infinity();
 }
 
 inline void check_options(const char* function, const MultiSimilarityOptions& o) {
@@ -300,26 +336,18 @@ class MultiSimilarityMiner {
                          "entries (rows of similarity)");
     detail::require_size("MultiSimilarityMiner::masks", "column_labels", column_labels.size(), similarity.cols(),
                          "entries (columns of similarity)");
-    const detail::PairRule<S> rule{S(options_.epsilon), true,
-                                   options_.semantics == MultiSimilaritySemantics::Official};
-    PairMasks out{decltype(PairMasks::positive)::Constant(similarity.rows(), similarity.cols(), false),
-                  decltype(PairMasks::negative)::Constant(similarity.rows(), similarity.cols(), false)};
+    const Labels columns = column_labels;  // contiguous
+    detail::PairTile<S> tile;
+    tile.resize(similarity.rows(), similarity.cols());
+    tile.similarity = similarity;
     for (Index i = 0; i < similarity.rows(); ++i) {
-      S min_positive = std::numeric_limits<S>::infinity(), max_negative = -std::numeric_limits<S>::infinity();
-      for (Index k = 0; k < similarity.cols(); ++k) {
-        const S s = similarity(i, k);
-        const bool same = row_labels(i) == column_labels(k);
-        if (rule.positive_candidate(same, self && i == k, s)) min_positive = std::min(min_positive, s);
-        if (!same) max_negative = std::max(max_negative, s);
-      }
-      for (Index k = 0; k < similarity.cols(); ++k) {
-        const S s = similarity(i, k);
-        const bool same = row_labels(i) == column_labels(k);
-        out.positive(i, k) = rule.positive_candidate(same, self && i == k, s) && rule.keep_positive(s, max_negative);
-        out.negative(i, k) = !same && rule.keep_negative(s, min_positive);
-      }
+      const detail::RowPairs<S> row{columns.data(), row_labels(i), self ? i : -1,
+                                    detail::drop_positives_at<S>(options_.semantics)};
+      detail::AnchorState<S> state;
+      detail::update_mining_bounds(tile, i, similarity.cols(), row, state);
+      detail::mine_row(tile, i, similarity.cols(), row, S(options_.epsilon), state);
     }
-    return out;
+    return {tile.in_positive.array() != S(0), tile.in_negative.array() != S(0)};
   }
 
   Options options_;
@@ -432,12 +460,12 @@ class MultiSimilarityLoss {
     }
     tile_.resize(n, m);
     tile_.similarity = similarity;
+    tile_.in_positive = pairs.positive.template cast<S>();
+    tile_.in_negative = pairs.negative.template cast<S>();
     anchors_.assign(static_cast<std::size_t>(n), {});
     for (Index i = 0; i < n; ++i) {
-      const auto kept = detail::fill_row_arguments(
-          tile_, i, m, alpha(), beta(), base(),
-          [&](Index k, S) { return int(pairs.positive(i, k)) - int(pairs.negative(i, k)); });
-      detail::add_row_sums(tile_, i, m, kept, anchors_[static_cast<std::size_t>(i)]);
+      detail::fill_exponents(tile_, i, m, alpha(), beta(), base());
+      detail::add_row_sums(tile_, i, m, anchors_[static_cast<std::size_t>(i)]);
     }
     if (dS) {
       tile_gradient(m);
@@ -488,48 +516,43 @@ class MultiSimilarityLoss {
       tile_.similarity.leftCols(w).noalias() = q_hat_ * r_hat_.topRows(w).transpose();
       loaded = t;
     };
-    const detail::PairRule<S> rule{S(options_.epsilon), options_.mine, official()};
     anchors_.assign(static_cast<std::size_t>(n), {});
-    bool any_positive = false, any_negative = false;
+    const S drop_at = detail::drop_positives_at<S>(options_.semantics);
+    auto row_pairs = [&](Index i, Index c0) {
+      return detail::RowPairs<S>{reference_labels.data() + c0, query_labels(i), self ? i - c0 : -1, drop_at};
+    };
 
-    // Pass 1: mining bounds over the unmined sets.
+    // Pass 1: mining bounds over the unmined sets (without mining they stay open).
+    if (!options_.mine) {
+      for (auto& state : anchors_) {
+        state.min_positive = -std::numeric_limits<S>::infinity();
+        state.max_negative = std::numeric_limits<S>::infinity();
+      }
+    }
     for (Index t = 0; t < tiles && options_.mine; ++t) {
       load(t);
       const Index c0 = t * width, w = std::min(width, m - c0);
-      for (Index i = 0; i < n; ++i) {
-        auto& state = anchors_[static_cast<std::size_t>(i)];
-        for (Index k = 0; k < w; ++k) {
-          const S s = tile_.similarity(i, k);
-          const bool same = query_labels(i) == reference_labels(c0 + k);
-          if (rule.positive_candidate(same, self && i == c0 + k, s)) state.min_positive = std::min(state.min_positive, s);
-          if (!same) state.max_negative = std::max(state.max_negative, s);
-        }
-      }
+      for (Index i = 0; i < n; ++i)
+        detail::update_mining_bounds(tile_, i, w, row_pairs(i, c0), anchors_[static_cast<std::size_t>(i)]);
     }
     // Pass 2: exponents of the mined pairs and their online log-sum-exp.
-    Index arguments_of = -1;  // the tile whose exponents are in tile_
-    auto arguments = [&](Index t, bool sums) {
-      if (arguments_of == t) return;
+    Index same_label = 0;        // pairs by label, the self pairs excluded
+    Index exponents_of = -1;     // the tile whose exponents are in tile_
+    auto exponents = [&](Index t, bool sums) {
+      if (exponents_of == t) return;
       load(t);
       const Index c0 = t * width, w = std::min(width, m - c0);
       for (Index i = 0; i < n; ++i) {
         auto& state = anchors_[static_cast<std::size_t>(i)];
-        const int label = query_labels(i);
-        const auto kept = detail::fill_row_arguments(tile_, i, w, alpha(), beta(), base(), [&](Index k, S s) {
-                                     const bool same = label == reference_labels(c0 + k);
-                                     const bool diagonal = self && i == c0 + k;
-                                     any_positive |= same && !diagonal;
-                                     any_negative |= !same;
-                                     if (rule.positive_candidate(same, diagonal, s))
-                                       return rule.keep_positive(s, state.max_negative) ? 1 : 0;
-                                     return !same && rule.keep_negative(s, state.min_positive) ? -1 : 0;
-                                   });
-        if (sums) detail::add_row_sums(tile_, i, w, kept, state);
+        const Index same = detail::mine_row(tile_, i, w, row_pairs(i, c0), S(options_.epsilon), state);
+        detail::fill_exponents(tile_, i, w, alpha(), beta(), base());
+        if (sums) same_label += same, detail::add_row_sums(tile_, i, w, state);
       }
-      arguments_of = t;
+      exponents_of = t;
     };
-    for (Index t = 0; t < tiles; ++t) arguments(t, true);
-    if (!any_positive || !any_negative) return fill(dQ, dR, S(0));
+    for (Index t = 0; t < tiles; ++t) exponents(t, true);
+    const Index different_label = n * m - same_label - (self ? n : 0);
+    if (same_label == 0 || different_label == 0) return fill(dQ, dR, S(0));
     const S loss = finish(n);
     if (!dQ) return loss;
 
@@ -538,7 +561,7 @@ class MultiSimilarityLoss {
     d_q_hat_.setZero(n, d);
     gs_rows_.setZero(n);
     for (Index t = 0; t < tiles; ++t) {
-      arguments(t, false);  // sums and counts are final: refill the exponents only
+      exponents(t, false);  // sums and counts are final: refill the exponents only
       const Index c0 = t * width, w = std::min(width, m - c0);
       tile_gradient(w);
       const auto G = tile_.gradient.leftCols(w);
