@@ -1,0 +1,447 @@
+#pragma once
+// Preference losses over pairs of sequence log-probabilities: DPO and its family (the
+// loss_types of Hugging Face TRL), with the robust DPO (rDPO) of Chowdhury, Kini and
+// Natarajan, "Provably Robust DPO: Aligning Language Models with Noisy Feedback", ICML 2024.
+//
+// Pair i has policy log-probs pc, pr of its chosen and rejected responses and reference
+// log-probs rc, rr. With the log-ratios a = pc - rc, b = pr - rr, the margin h = a - b,
+// t = beta h, sp(x) = log(1 + e^x) (softplus, so -log sigma(x) = sp(-x)) and
+// sigma(x) = 1 / (1 + e^-x), the per-pair losses are
+//
+//   Sigmoid       DPO, TRL "sigmoid"             sp(-t)
+//   Robust        rDPO, TRL "robust"             [(1-eps) sp(-t) - eps sp(t)] / (1-2eps)
+//                                                 = sp(-t) - eps t / (1-2eps),   eps in [0, 1/2)
+//   Conservative  cDPO (label smoothing eps)     (1-eps) sp(-t) + eps sp(t) = sp(-t) + eps t,  eps in [0, 1]
+//   IPO           TRL "ipo"                      (h - 1/(2 beta))^2
+//   Hinge         SLiC, TRL "hinge"              max(0, 1 - t)
+//   ExoPair       TRL "exo_pair"                 q (log q - log(1-eps)) + (1-q)(log(1-q) - log eps),
+//                                                 q = sigma(t), eps in (0, 1)
+//   NcaPair       TRL "nca_pair"                 sp(-beta a) + sp(beta a)/2 + sp(beta b)/2
+//   BcoPair       TRL "bco_pair"                 sp(-beta a) + sp(beta b)
+//   SppoHard      TRL "sppo_hard"                (a - 1/(2 beta))^2 + (b + 1/(2 beta))^2
+//   ApoZero       TRL "apo_zero"                 (1 - sigma(beta a)) + sigma(beta b)
+//   ApoDown       TRL "apo_down"                 sigma(beta a) + (1 - sigma(t))
+//   DiscoPOP      TRL "discopop"                 (1-m) sp(-t) + m e^-t,  m = sigma(t / tau)
+//   Aot           TRL "aot"                      cDPO of delta_k = sort(pc - pr)_k - sort(rc - rr)_k
+//   AotUnpaired   TRL "aot_unpaired"             cDPO of delta_k = sort(a)_k - sort(b)_k
+//
+// rDPO is unbiased under label flips at rate eps: (1-eps) l_rDPO(h) + eps l_rDPO(-h) = l_DPO(h).
+// It is unbounded below per pair (it decreases like -eps t/(1-2eps) as t -> +inf), so on a
+// separable data set its empirical minimum may not exist; keep eps at most the true flip rate.
+// cDPO is biased: its minimiser keeps t at log((1-eps)/eps).
+//
+// Conventions follow TRL (HEAD f2cd577): the batch loss is the mean over pairs. TRL feeds IPO
+// length-averaged log-probs; pass those if you want its IPO (SequenceLogProb can average).
+// TRL's older bco_pair shifted rewards by a running mean; this is the current stateless one.
+// TRL silently replaces eps = 0 by 1e-3 in exo_pair; here eps = 0 is an error. The Aot kinds
+// couple the batch through a sort: their per-pair values are per sorted rank k, and the
+// gradient flows through the sorting permutation (held constant, as in torch.sort).
+//
+// The reference-free mode (the two-input overloads) uses rc = rr = 0, a uniform reference.
+// Gradients are of the reduced loss with respect to pc and pr, and optionally rc and rr.
+// The metrics TRL logs (mean rewards beta a and beta b, margin, accuracy) come from the same pass.
+// Non-finite inputs propagate NaN to the value and the gradients.
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <vector>
+
+#include <Eigen/Core>
+
+#include "gradus/core/errors.hpp"
+#include "gradus/core/types.hpp"
+
+namespace gradus {
+
+enum class PreferenceKind {
+  Sigmoid,
+  Robust,
+  Conservative,
+  IPO,
+  Hinge,
+  ExoPair,
+  NcaPair,
+  BcoPair,
+  SppoHard,
+  ApoZero,
+  ApoDown,
+  DiscoPOP,
+  Aot,
+  AotUnpaired
+};
+
+template <class S>
+struct PreferenceOptions {
+  PreferenceKind kind = PreferenceKind::Sigmoid;
+  S beta = S(0.1);            // TRL's default; the inverse temperature of the implicit reward
+  S epsilon = S(0);           // flip rate (Robust), label smoothing (Conservative, Aot*, ExoPair)
+  S discopop_tau = S(0.05);   // DiscoPOP's mixing temperature (TRL's default)
+  Reduction reduction = Reduction::Mean;  // None: value() sums, values() gives per pair
+};
+
+// Batch means of what TRL logs as rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies.
+template <class S>
+struct PreferenceMetrics {
+  S chosen_reward = 0;    // beta (pc - rc)
+  S rejected_reward = 0;  // beta (pr - rr)
+  S reward_margin = 0;    // chosen - rejected
+  S reward_accuracy = 0;  // fraction of pairs with chosen > rejected
+};
+
+template <class S>
+class PreferenceLoss {
+ public:
+  using Scalar = S;
+  using Options = PreferenceOptions<S>;
+
+  explicit PreferenceLoss(const Options& options = {}) : options_(options) { validate(options_); }
+
+  const Options& options() const { return options_; }
+
+  // Reduced loss (mean over pairs unless options say Sum).
+  template <class PC, class PR, class RC, class RR>
+  S value(const Eigen::MatrixBase<PC>& policy_chosen, const Eigen::MatrixBase<PR>& policy_rejected,
+          const Eigen::MatrixBase<RC>& reference_chosen, const Eigen::MatrixBase<RR>& reference_rejected) const {
+    return run("PreferenceLoss::value", policy_chosen.derived(), policy_rejected.derived(),
+               reference_chosen.derived(), reference_rejected.derived(), {});
+  }
+
+  // Reference-free: rc = rr = 0.
+  template <class PC, class PR>
+  S value(const Eigen::MatrixBase<PC>& policy_chosen, const Eigen::MatrixBase<PR>& policy_rejected) const {
+    const Index n = policy_chosen.size();
+    return value(policy_chosen, policy_rejected, Vector<S>::Zero(n), Vector<S>::Zero(n));
+  }
+
+  // Per-pair losses (per sorted rank for the Aot kinds), whatever the reduction.
+  template <class PC, class PR, class RC, class RR>
+  void values(const Eigen::MatrixBase<PC>& policy_chosen, const Eigen::MatrixBase<PR>& policy_rejected,
+              const Eigen::MatrixBase<RC>& reference_chosen, const Eigen::MatrixBase<RR>& reference_rejected,
+              Eigen::Ref<Vector<S>> per_pair) const {
+    detail::require_size("PreferenceLoss::values", "per_pair", per_pair.size(), policy_chosen.size(),
+                         "entries (size of policy_chosen)");
+    run("PreferenceLoss::values", policy_chosen.derived(), policy_rejected.derived(), reference_chosen.derived(),
+        reference_rejected.derived(), {.per_pair = per_pair.data()});
+  }
+
+  template <class PC, class PR>
+  void values(const Eigen::MatrixBase<PC>& policy_chosen, const Eigen::MatrixBase<PR>& policy_rejected,
+              Eigen::Ref<Vector<S>> per_pair) const {
+    const Index n = policy_chosen.size();
+    values(policy_chosen, policy_rejected, Vector<S>::Zero(n), Vector<S>::Zero(n), per_pair);
+  }
+
+  // Value, and the gradient of the reduced loss into dpolicy_chosen and dpolicy_rejected
+  // (sized by the caller); metrics, when given, from the same pass.
+  template <class PC, class PR, class RC, class RR>
+  S value_and_grad(const Eigen::MatrixBase<PC>& policy_chosen, const Eigen::MatrixBase<PR>& policy_rejected,
+                   const Eigen::MatrixBase<RC>& reference_chosen, const Eigen::MatrixBase<RR>& reference_rejected,
+                   Eigen::Ref<Vector<S>> dpolicy_chosen, Eigen::Ref<Vector<S>> dpolicy_rejected,
+                   PreferenceMetrics<S>* metrics = nullptr) const {
+    const Index n = policy_chosen.size();
+    constexpr const char* function = "PreferenceLoss::value_and_grad";
+    detail::require_size(function, "dpolicy_chosen", dpolicy_chosen.size(), n, "entries (size of policy_chosen)");
+    detail::require_size(function, "dpolicy_rejected", dpolicy_rejected.size(), n, "entries (size of policy_chosen)");
+    return run(function, policy_chosen.derived(), policy_rejected.derived(), reference_chosen.derived(),
+               reference_rejected.derived(),
+               {.dpolicy_chosen = dpolicy_chosen.data(), .dpolicy_rejected = dpolicy_rejected.data(), .metrics = metrics});
+  }
+
+  // Also the gradients with respect to the reference log-probs, for a trainable reference.
+  template <class PC, class PR, class RC, class RR>
+  S value_and_grad(const Eigen::MatrixBase<PC>& policy_chosen, const Eigen::MatrixBase<PR>& policy_rejected,
+                   const Eigen::MatrixBase<RC>& reference_chosen, const Eigen::MatrixBase<RR>& reference_rejected,
+                   Eigen::Ref<Vector<S>> dpolicy_chosen, Eigen::Ref<Vector<S>> dpolicy_rejected,
+                   Eigen::Ref<Vector<S>> dreference_chosen, Eigen::Ref<Vector<S>> dreference_rejected,
+                   PreferenceMetrics<S>* metrics = nullptr) const {
+    const Index n = policy_chosen.size();
+    constexpr const char* function = "PreferenceLoss::value_and_grad";
+    detail::require_size(function, "dpolicy_chosen", dpolicy_chosen.size(), n, "entries (size of policy_chosen)");
+    detail::require_size(function, "dpolicy_rejected", dpolicy_rejected.size(), n, "entries (size of policy_chosen)");
+    detail::require_size(function, "dreference_chosen", dreference_chosen.size(), n,
+                         "entries (size of policy_chosen)");
+    detail::require_size(function, "dreference_rejected", dreference_rejected.size(), n,
+                         "entries (size of policy_chosen)");
+    return run(function, policy_chosen.derived(), policy_rejected.derived(), reference_chosen.derived(),
+               reference_rejected.derived(),
+               {.dpolicy_chosen = dpolicy_chosen.data(),
+                .dpolicy_rejected = dpolicy_rejected.data(),
+                .dreference_chosen = dreference_chosen.data(),
+                .dreference_rejected = dreference_rejected.data(),
+                .metrics = metrics});
+  }
+
+  // Reference-free value and gradient.
+  template <class PC, class PR>
+  S value_and_grad(const Eigen::MatrixBase<PC>& policy_chosen, const Eigen::MatrixBase<PR>& policy_rejected,
+                   Eigen::Ref<Vector<S>> dpolicy_chosen, Eigen::Ref<Vector<S>> dpolicy_rejected,
+                   PreferenceMetrics<S>* metrics = nullptr) const {
+    const Index n = policy_chosen.size();
+    return value_and_grad(policy_chosen, policy_rejected, Vector<S>::Zero(n), Vector<S>::Zero(n), dpolicy_chosen,
+                          dpolicy_rejected, metrics);
+  }
+
+  // The TRL metrics alone.
+  template <class PC, class PR, class RC, class RR>
+  PreferenceMetrics<S> metrics(const Eigen::MatrixBase<PC>& policy_chosen, const Eigen::MatrixBase<PR>& policy_rejected,
+                               const Eigen::MatrixBase<RC>& reference_chosen,
+                               const Eigen::MatrixBase<RR>& reference_rejected) const {
+    PreferenceMetrics<S> result;
+    run("PreferenceLoss::metrics", policy_chosen.derived(), policy_rejected.derived(), reference_chosen.derived(),
+        reference_rejected.derived(), {.metrics = &result});
+    return result;
+  }
+
+ private:
+  // Pairs are processed in blocks that stay in L1, so each input is read and each output
+  // written once, with no N-sized temporaries (except the sort of the Aot kinds).
+  static constexpr Index kBlock = 256;
+  using Block = Eigen::Array<S, Eigen::Dynamic, 1, Eigen::ColMajor, kBlock, 1>;
+
+  // Where run() writes; null pointers are skipped.
+  struct Outputs {
+    S* per_pair = nullptr;
+    S* dpolicy_chosen = nullptr;
+    S* dpolicy_rejected = nullptr;
+    S* dreference_chosen = nullptr;
+    S* dreference_rejected = nullptr;
+    PreferenceMetrics<S>* metrics = nullptr;
+  };
+
+  // The batch-coupled Aot kinds: a_k, b_k are sorted keys, and their gradients go back
+  // through the permutations to the inputs named by the signs.
+  struct Sorted {
+    Vector<S> a, b;
+    std::vector<Index> a_index, b_index;
+  };
+
+  static bool sorts(PreferenceKind kind) { return kind == PreferenceKind::Aot || kind == PreferenceKind::AotUnpaired; }
+
+  static void validate(const Options& o) {
+    constexpr const char* function = "PreferenceLoss";
+    detail::require_positive(function, "options.beta", o.beta);
+    detail::require_finite(function, "options.beta", o.beta);
+    switch (o.kind) {
+      case PreferenceKind::Robust:
+        detail::require_in_range(function, "options.epsilon (Robust needs eps < 1/2)", o.epsilon, S(0), S(0.5));
+        break;
+      case PreferenceKind::Conservative:
+      case PreferenceKind::Aot:
+      case PreferenceKind::AotUnpaired:
+        detail::require_in_range(function, "options.epsilon", o.epsilon, S(0), S(1), true);
+        break;
+      case PreferenceKind::ExoPair:
+        detail::require(o.epsilon > S(0) && o.epsilon < S(1), function, "options.epsilon",
+                        "a value in (0, 1) for ExoPair (TRL uses 1e-3)", o.epsilon);
+        break;
+      case PreferenceKind::DiscoPOP:
+        detail::require_positive(function, "options.discopop_tau", o.discopop_tau);
+        break;
+      default:
+        break;
+    }
+  }
+
+  template <class X>
+  static void require_input(const char* function, const char* argument, const X& x, Index n) {
+    static_assert(X::IsVectorAtCompileTime, "gradus::PreferenceLoss: inputs must be vectors (N log-probs)");
+    static_assert(std::is_same_v<typename X::Scalar, S>, "gradus::PreferenceLoss: input scalar type must be S");
+    detail::require_size(function, argument, x.size(), n, "entries (size of policy_chosen)");
+  }
+
+  // softplus and sigma written so that no exp overflows: sp(x) = max(x, 0) + log1p(e^-|x|).
+  template <class D>
+  static auto softplus(const Eigen::ArrayBase<D>& x) {
+    return x.max(S(0)) + (-x.abs()).exp().log1p();
+  }
+
+  // Per-pair losses of a block and their partial derivatives in a and b.
+  void pair_losses(const Block& a, const Block& b, Block& loss, Block& da, Block& db) const {
+    const S beta = options_.beta, eps = options_.epsilon;
+    Block t = beta * (a - b);
+    switch (options_.kind) {
+      case PreferenceKind::Sigmoid:
+      case PreferenceKind::Robust:
+      case PreferenceKind::Conservative:
+      case PreferenceKind::Aot:
+      case PreferenceKind::AotUnpaired: {
+        // All are sp(-t) + c t: the DPO loss plus a linear term (rDPO pushes on, cDPO holds back).
+        const S c = options_.kind == PreferenceKind::Sigmoid  ? S(0)
+                    : options_.kind == PreferenceKind::Robust ? -eps / (1 - 2 * eps)
+                                                              : eps;
+        loss = softplus(-t) + c * t;
+        da = beta * (c - (-t).logistic());
+        db = -da;
+        break;
+      }
+      case PreferenceKind::IPO: {
+        const Block r = a - b - 1 / (2 * beta);
+        loss = r.square();
+        da = 2 * r;
+        db = -da;
+        break;
+      }
+      case PreferenceKind::Hinge:
+        loss = (1 - t).max(S(0));
+        da = (t < S(1)).select(-beta, S(0) * t);  // S(0) * t: NaN stays NaN
+        db = -da;
+        break;
+      case PreferenceKind::ExoPair: {
+        // KL(Bernoulli(q) || Bernoulli(1 - eps)) with log q = -sp(-t), log(1 - q) = -sp(t).
+        const Block q = t.logistic(), q_rejected = (-t).logistic();
+        loss = q * (-softplus(-t) - std::log1p(-eps)) + q_rejected * (-softplus(t) - std::log(eps));
+        da = beta * q * q_rejected * (t - (std::log1p(-eps) - std::log(eps)));
+        db = -da;
+        break;
+      }
+      case PreferenceKind::NcaPair: {
+        const Block ta = beta * a, tb = beta * b;
+        loss = softplus(-ta) + S(0.5) * softplus(ta) + S(0.5) * softplus(tb);
+        da = beta * (S(0.5) * ta.logistic() - (-ta).logistic());
+        db = S(0.5) * beta * tb.logistic();
+        break;
+      }
+      case PreferenceKind::BcoPair: {
+        const Block ta = beta * a, tb = beta * b;
+        loss = softplus(-ta) + softplus(tb);
+        da = -beta * (-ta).logistic();
+        db = beta * tb.logistic();
+        break;
+      }
+      case PreferenceKind::SppoHard: {
+        const S target = 1 / (2 * beta);
+        loss = (a - target).square() + (b + target).square();
+        da = 2 * (a - target);
+        db = 2 * (b + target);
+        break;
+      }
+      case PreferenceKind::ApoZero: {
+        const Block sa = (beta * a).logistic(), sb = (beta * b).logistic();
+        loss = (1 - sa) + sb;
+        da = -beta * sa * (1 - sa);
+        db = beta * sb * (1 - sb);
+        break;
+      }
+      case PreferenceKind::ApoDown: {
+        const Block sa = (beta * a).logistic(), st = t.logistic();
+        const Block g = beta * st * (1 - st);  // d sigma(t) / dh
+        loss = sa + (1 - st);
+        da = beta * sa * (1 - sa) - g;
+        db = g;
+        break;
+      }
+      case PreferenceKind::DiscoPOP: {
+        // m e^-t = exp(-t - sp(-t/tau)) stays finite where e^-t alone overflows.
+        const S tau = options_.discopop_tau;
+        const Block u = t / tau;
+        const Block m = u.logistic(), m_rejected = (-u).logistic();
+        const Block dpo = softplus(-t), me = (-t - softplus(-u)).exp();
+        loss = m_rejected * dpo + me;
+        da = beta * (-m_rejected * (-t).logistic() - me + (m_rejected * me - m * m_rejected * dpo) / tau);
+        db = -da;
+        break;
+      }
+    }
+  }
+
+  // Sort keys and remember the permutation; NaN sorts last so that std::sort stays defined.
+  static void sort_keys(Vector<S>& keys, std::vector<Index>& index) {
+    index.resize(static_cast<std::size_t>(keys.size()));
+    std::iota(index.begin(), index.end(), Index(0));
+    std::sort(index.begin(), index.end(), [&](Index i, Index j) {
+      const S x = keys(i), y = keys(j);
+      return std::isnan(y) ? !std::isnan(x) : x < y;
+    });
+    Vector<S> sorted(keys.size());
+    for (Index k = 0; k < keys.size(); ++k) sorted(k) = keys(index[static_cast<std::size_t>(k)]);
+    keys.swap(sorted);
+  }
+
+  template <class PC, class PR, class RC, class RR>
+  S run(const char* function, const PC& pc, const PR& pr, const RC& rc, const RR& rr, Outputs out) const {
+    const Index n = pc.size();
+    detail::require_nonempty(function, "policy_chosen", n, "pairs");
+    require_input(function, "policy_chosen", pc, n);
+    require_input(function, "policy_rejected", pr, n);
+    require_input(function, "reference_chosen", rc, n);
+    require_input(function, "reference_rejected", rr, n);
+
+    const PreferenceKind kind = options_.kind;
+    Sorted sorted;
+    if (sorts(kind)) {
+      if (kind == PreferenceKind::Aot) {
+        sorted.a = pc - pr;
+        sorted.b = rc - rr;
+      } else {
+        sorted.a = pc - rc;
+        sorted.b = pr - rr;
+      }
+      sort_keys(sorted.a, sorted.a_index);
+      sort_keys(sorted.b, sorted.b_index);
+    }
+
+    const bool reduce_mean = options_.reduction == Reduction::Mean;
+    const S scale = reduce_mean ? S(1) / static_cast<S>(n) : S(1);
+    // Sums in double (or wider S): N may be large.
+    using Accumulator = decltype(S() + double());
+    Accumulator total = 0, chosen = 0, rejected = 0, correct = 0;
+    Block a, b, loss, da, db;
+    for (Index start = 0; start < n; start += kBlock) {
+      const Index m = std::min(kBlock, n - start);
+      a = (pc.segment(start, m) - rc.segment(start, m)).array();
+      b = (pr.segment(start, m) - rr.segment(start, m)).array();
+      if (out.metrics) {
+        chosen += a.sum();
+        rejected += b.sum();
+        correct += static_cast<Accumulator>((a > b).count());
+      }
+      if (sorted.a.size()) {
+        a = sorted.a.segment(start, m).array();
+        b = sorted.b.segment(start, m).array();
+      }
+      pair_losses(a, b, loss, da, db);
+      total += loss.sum();
+      if (out.per_pair) Eigen::Map<Block>(out.per_pair + start, m) = loss;
+      if (out.dpolicy_chosen) scatter(start, m, scale * da, scale * db, sorted, out);
+    }
+    if (out.metrics) {
+      const Accumulator beta = options_.beta, count = static_cast<Accumulator>(n);
+      out.metrics->chosen_reward = static_cast<S>(beta * chosen / count);
+      out.metrics->rejected_reward = static_cast<S>(beta * rejected / count);
+      out.metrics->reward_margin = static_cast<S>(beta * (chosen - rejected) / count);
+      out.metrics->reward_accuracy = static_cast<S>(correct / count);
+    }
+    return static_cast<S>(reduce_mean ? total / static_cast<Accumulator>(n) : total);
+  }
+
+  // Gradients of a block: d/dpc = d/da, d/drc = -d/da, d/dpr = d/db, d/drr = -d/db, or
+  // through the sort permutations for the Aot kinds.
+  void scatter(Index start, Index m, const Block& da, const Block& db, const Sorted& sorted, const Outputs& out) const {
+    if (!sorts(options_.kind)) {
+      Eigen::Map<Block>(out.dpolicy_chosen + start, m) = da;
+      Eigen::Map<Block>(out.dpolicy_rejected + start, m) = db;
+      if (out.dreference_chosen) Eigen::Map<Block>(out.dreference_chosen + start, m) = -da;
+      if (out.dreference_rejected) Eigen::Map<Block>(out.dreference_rejected + start, m) = -db;
+      return;
+    }
+    // Aot: a = pc - pr, b = rc - rr. AotUnpaired: a = pc - rc, b = pr - rr.
+    const bool paired = options_.kind == PreferenceKind::Aot;
+    S* a_plus = out.dpolicy_chosen;
+    S* a_minus = paired ? out.dpolicy_rejected : out.dreference_chosen;
+    S* b_plus = paired ? out.dreference_chosen : out.dpolicy_rejected;
+    S* b_minus = out.dreference_rejected;
+    for (Index k = 0; k < m; ++k) {
+      const auto i = sorted.a_index[static_cast<std::size_t>(start + k)];
+      const auto j = sorted.b_index[static_cast<std::size_t>(start + k)];
+      if (a_plus) a_plus[i] = da(k);
+      if (a_minus) a_minus[i] = -da(k);
+      if (b_plus) b_plus[j] = db(k);
+      if (b_minus) b_minus[j] = -db(k);
+    }
+  }
+
+  Options options_;
+};
+
+}  // namespace gradus

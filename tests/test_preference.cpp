@@ -1,0 +1,522 @@
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <gradus/core/concepts.hpp>
+#include <gradus/losses/preference.hpp>
+#include <gradus/losses/sequence_logprob.hpp>
+#include <gradus/testing/gradient_check.hpp>
+
+using namespace gradus;
+using K = PreferenceKind;
+
+namespace {
+
+const std::vector<K> all_kinds = {K::Sigmoid, K::Robust,   K::Conservative, K::IPO,    K::Hinge,
+                                  K::ExoPair, K::NcaPair,  K::BcoPair,      K::SppoHard, K::ApoZero,
+                                  K::ApoDown, K::DiscoPOP, K::Aot,          K::AotUnpaired};
+
+std::string name(K kind) {
+  const char* names[] = {"Sigmoid", "Robust",  "Conservative", "IPO",      "Hinge", "ExoPair", "NcaPair",
+                         "BcoPair", "SppoHard", "ApoZero",     "ApoDown", "DiscoPOP", "Aot",   "AotUnpaired"};
+  return names[static_cast<int>(kind)];
+}
+
+template <class S>
+PreferenceOptions<S> options_for(K kind, Reduction reduction = Reduction::Sum) {
+  // An epsilon inside every kind's domain; beta large enough that t spans the interesting range.
+  return {.kind = kind, .beta = S(0.7), .epsilon = S(0.2), .discopop_tau = S(0.5), .reduction = reduction};
+}
+
+// The four log-prob vectors of a batch, packed as x = [pc; pr; rc; rr] for the checker.
+struct Batch {
+  Eigen::VectorXd pc, pr, rc, rr;
+  Eigen::VectorXd packed() const {
+    Eigen::VectorXd x(4 * pc.size());
+    x << pc, pr, rc, rr;
+    return x;
+  }
+};
+
+Eigen::VectorXd shuffled_grid(Eigen::Index n, std::mt19937& rng) {
+  std::vector<double> values(static_cast<std::size_t>(n));
+  for (Eigen::Index i = 0; i < n; ++i) values[static_cast<std::size_t>(i)] = 0.05 * static_cast<double>(i - n / 2);
+  std::shuffle(values.begin(), values.end(), rng);
+  return Eigen::Map<Eigen::VectorXd>(values.data(), n);
+}
+
+// Random log-probs; for the sorting kinds the sort keys are 0.05 apart, and for Hinge t stays
+// away from its kink, so that central differences never cross a non-smooth point.
+Batch random_batch(K kind, Eigen::Index n, unsigned seed, double beta = 0.7) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<double> normal(0.0, 1.5);
+  auto draw = [&] {
+    Eigen::VectorXd v(n);
+    for (auto& x : v) x = normal(rng) - 3.0;
+    return v;
+  };
+  Batch batch{draw(), draw(), draw(), draw()};
+  if (kind == K::Aot) {  // keys pc - pr and rc - rr
+    batch.pr = batch.pc - shuffled_grid(n, rng);
+    batch.rc = batch.rr + shuffled_grid(n, rng);
+  } else if (kind == K::AotUnpaired) {  // keys pc - rc and pr - rr
+    batch.rc = batch.pc - shuffled_grid(n, rng);
+    batch.rr = batch.pr - shuffled_grid(n, rng);
+  } else if (kind == K::Hinge) {
+    for (Eigen::Index i = 0; i < n; ++i) {
+      while (std::abs(beta * (batch.pc(i) - batch.rc(i) - batch.pr(i) + batch.rr(i)) - 1) < 0.05) batch.pc(i) += 0.1;
+    }
+  }
+  return batch;
+}
+
+// The TRL expressions written literally (naive logs, std::sort), for moderate inputs.
+double trl_oracle(const PreferenceOptions<double>& o, const Batch& batch) {
+  const double beta = o.beta, eps = o.epsilon;
+  const Eigen::Index n = batch.pc.size();
+  auto logsigmoid = [](double x) { return std::log(1 / (1 + std::exp(-x))); };
+  auto sigmoid = [](double x) { return 1 / (1 + std::exp(-x)); };
+  auto smoothed = [&](double delta) {
+    return -logsigmoid(beta * delta) * (1 - eps) - logsigmoid(-beta * delta) * eps;
+  };
+  std::vector<double> first(n), second(n);
+  for (Eigen::Index i = 0; i < n; ++i) {
+    const bool paired = o.kind == K::Aot;
+    first[i] = paired ? batch.pc(i) - batch.pr(i) : batch.pc(i) - batch.rc(i);
+    second[i] = paired ? batch.rc(i) - batch.rr(i) : batch.pr(i) - batch.rr(i);
+  }
+  std::sort(first.begin(), first.end());
+  std::sort(second.begin(), second.end());
+  double total = 0;
+  for (Eigen::Index i = 0; i < n; ++i) {
+    const double a = batch.pc(i) - batch.rc(i), b = batch.pr(i) - batch.rr(i), h = a - b;
+    double loss = 0;
+    switch (o.kind) {
+      case K::Sigmoid: loss = -logsigmoid(beta * h); break;
+      case K::Robust:
+        loss = (-(1 - eps) * logsigmoid(beta * h) + eps * logsigmoid(-beta * h)) / (1 - 2 * eps);
+        break;
+      case K::Conservative: loss = smoothed(h); break;
+      case K::IPO: loss = std::pow(h - 1 / (2 * beta), 2); break;
+      case K::Hinge: loss = std::max(0.0, 1 - beta * h); break;
+      case K::ExoPair:
+        loss = sigmoid(beta * h) * (logsigmoid(beta * h) - std::log(1 - eps)) +
+               sigmoid(-beta * h) * (logsigmoid(-beta * h) - std::log(eps));
+        break;
+      case K::NcaPair:
+        loss = -logsigmoid(beta * a) - 0.5 * logsigmoid(-beta * a) - 0.5 * logsigmoid(-beta * b);
+        break;
+      case K::BcoPair: loss = -logsigmoid(beta * a) - logsigmoid(-beta * b); break;
+      case K::SppoHard: loss = std::pow(a - 0.5 / beta, 2) + std::pow(b + 0.5 / beta, 2); break;
+      case K::ApoZero: loss = (1 - sigmoid(beta * a)) + sigmoid(beta * b); break;
+      case K::ApoDown: loss = sigmoid(beta * a) + (1 - sigmoid(beta * h)); break;
+      case K::DiscoPOP: {
+        const double s = beta * h, m = sigmoid(s / o.discopop_tau);
+        loss = -logsigmoid(s) * (1 - m) + std::exp(-s) * m;
+        break;
+      }
+      case K::Aot:
+      case K::AotUnpaired: loss = smoothed(first[i] - second[i]); break;
+    }
+    total += loss;
+  }
+  return o.reduction == Reduction::Mean ? total / static_cast<double>(n) : total;
+}
+
+// Value and all four gradients of the loss at x = [pc; pr; rc; rr], computed in S.
+template <class S>
+long double packed_value_and_grad(const PreferenceLoss<S>& loss, const Eigen::VectorXd& x, Eigen::VectorXd& grad) {
+  const Eigen::Index n = x.size() / 4;
+  const Vector<S> v = x.cast<S>();
+  Vector<S> g(4 * n);
+  const S value = loss.value_and_grad(v.segment(0, n), v.segment(n, n), v.segment(2 * n, n), v.segment(3 * n, n),
+                                      g.segment(0, n), g.segment(n, n), g.segment(2 * n, n), g.segment(3 * n, n));
+  grad = g.template cast<double>();
+  return value;
+}
+
+// The differences are taken of the long double implementation, minus its value at x: with
+// hundreds of pairs the loss is large, and rounding it to double would swamp the differences.
+auto centered_long_double(K kind, const Eigen::VectorXd& x) {
+  const PreferenceLoss<long double> reference(options_for<long double>(kind));
+  Eigen::VectorXd scratch;
+  const long double center = packed_value_and_grad(reference, x, scratch);
+  return [=](const Eigen::VectorXd& p) mutable {
+    return static_cast<double>(packed_value_and_grad(reference, p, scratch) - center);
+  };
+}
+
+}  // namespace
+
+static_assert(Loss<PreferenceLoss<float>, Vector<float>, Vector<float>, Vector<float>, Vector<float>>);
+static_assert(Loss<PreferenceLoss<double>, Vector<double>, Vector<double>>);
+
+TEST_CASE("every preference kind matches the literal TRL formula", "[preference]") {
+  for (K kind : all_kinds) {
+    for (Reduction reduction : {Reduction::Mean, Reduction::Sum}) {
+      for (Eigen::Index n : {1, 7, 300}) {
+        INFO(name(kind) << " n=" << n);
+        const auto options = options_for<double>(kind, reduction);
+        const Batch batch = random_batch(kind, n, 11 + static_cast<unsigned>(n));
+        const PreferenceLoss<double> loss(options);
+        CHECK(loss.value(batch.pc, batch.pr, batch.rc, batch.rr) ==
+              Approx(trl_oracle(options, batch)).epsilon(1e-12).margin(1e-12));
+      }
+    }
+  }
+}
+
+TEMPLATE_TEST_CASE("preference gradients match finite differences", "[preference][gradient]", float, double) {
+  using S = TestType;
+  const bool is_float = std::is_same_v<S, float>;
+  testing::GradientCheckOptions check;
+  check.tolerance = is_float ? 2e-3 : 1e-6;
+  for (K kind : all_kinds) {
+    for (Eigen::Index n : {1, 2, 3, 7, 8, 9, 17, 64, 300}) {
+      INFO(name(kind) << " n=" << n);
+      const Eigen::VectorXd x = random_batch(kind, n, 5 + static_cast<unsigned>(n)).packed();
+      const PreferenceLoss<S> loss(options_for<S>(kind));
+      Eigen::VectorXd analytic;
+      packed_value_and_grad(loss, x, analytic);
+      const auto report = testing::check_gradient(centered_long_double(kind, x), x, analytic, check);
+      INFO(report.summary());
+      CHECK(report.ok);
+    }
+  }
+}
+
+TEST_CASE("rDPO and cDPO identities", "[preference][robust]") {
+  const double beta = 0.3;
+  const Eigen::VectorXd h = Eigen::VectorXd::LinSpaced(41, -30, 30);
+  const Eigen::VectorXd zero = Eigen::VectorXd::Zero(h.size());
+  auto per_pair = [&](K kind, double eps, const Eigen::VectorXd& margin) {
+    Eigen::VectorXd out(margin.size());
+    PreferenceLoss<double>({.kind = kind, .beta = beta, .epsilon = eps}).values(margin, zero, out);
+    return out;
+  };
+  auto softplus = [](double x) { return std::max(x, 0.0) + std::log1p(std::exp(-std::abs(x))); };
+  const Eigen::VectorXd dpo = per_pair(K::Sigmoid, 0, h);
+  CHECK(per_pair(K::Robust, 0, h).isApprox(dpo, 1e-15));
+  CHECK(per_pair(K::Conservative, 0, h).isApprox(dpo, 1e-15));
+  for (double eps : {0.05, 0.1, 0.25, 0.4, 0.49}) {
+    INFO("eps=" << eps);
+    const Eigen::VectorXd robust = per_pair(K::Robust, eps, h), flipped = per_pair(K::Robust, eps, -h);
+    const Eigen::VectorXd conservative = per_pair(K::Conservative, eps, h);
+    for (Eigen::Index i = 0; i < h.size(); ++i) {
+      const double t = beta * h(i);
+      // Unbiased: the expectation over flips of rDPO is the clean DPO loss.
+      CHECK((1 - eps) * robust(i) + eps * flipped(i) == Approx(dpo(i)).epsilon(1e-12).margin(1e-12));
+      CHECK(robust(i) == Approx(softplus(-t) - eps * t / (1 - 2 * eps)).epsilon(1e-14).margin(1e-14));
+      CHECK(conservative(i) == Approx(softplus(-t) + eps * t).epsilon(1e-14).margin(1e-14));
+      CHECK(conservative(i) == Approx((1 - eps) * softplus(-t) + eps * softplus(t)).epsilon(1e-12).margin(1e-12));
+    }
+  }
+  // The rDPO gradient weight stays between beta eps/(1-2eps) and beta (1-eps)/(1-2eps).
+  const double eps = 0.2;
+  Eigen::VectorXd extremes(2), dpc(2), dpr(2);
+  extremes << 1e6, -1e6;
+  PreferenceLoss<double>({.kind = K::Robust, .beta = beta, .epsilon = eps, .reduction = Reduction::Sum})
+      .value_and_grad(extremes, Eigen::VectorXd::Zero(2), dpc, dpr);
+  CHECK(dpc(0) == Approx(-beta * eps / (1 - 2 * eps)));
+  CHECK(dpc(1) == Approx(-beta * (1 - eps) / (1 - 2 * eps)));
+}
+
+TEMPLATE_TEST_CASE("preference losses stay finite and right at extreme margins", "[preference][numerics]", float,
+                   double) {
+  using S = TestType;
+  Vector<S> pc(4), pr = Vector<S>::Zero(4), dpc(4), dpr(4), per_pair(4);
+  pc << S(1e4), S(-1e4), S(1e4), S(-1e4);
+  pr << S(0), S(0), S(-1e4), S(1e4);  // margins 1e4, -1e4, 2e4, -2e4
+  const S beta = S(1);
+  for (K kind : all_kinds) {
+    INFO(name(kind));
+    auto options = options_for<S>(kind);
+    options.beta = beta;
+    const PreferenceLoss<S> loss(options);
+    loss.value_and_grad(pc, pr, dpc, dpr);
+    loss.values(pc, pr, per_pair);
+    CHECK(per_pair.allFinite());
+    CHECK(dpc.allFinite());
+    CHECK(dpr.allFinite());
+  }
+  // Exact limits of DPO and rDPO: l -> 0 or |t| and the gradient -> 0 or -beta.
+  const PreferenceLoss<S> dpo({.beta = beta, .reduction = Reduction::Sum});
+  dpo.values(pc, pr, per_pair);
+  dpo.value_and_grad(pc, pr, dpc, dpr);
+  CHECK(per_pair(0) == Approx(0).margin(1e-30));
+  CHECK(per_pair(1) == Approx(1e4));
+  CHECK(per_pair(3) == Approx(2e4));
+  CHECK(dpc(0) == Approx(0).margin(1e-30));
+  CHECK(dpc(1) == Approx(-1));
+  const S eps = S(0.25);
+  PreferenceLoss<S>({.kind = K::Robust, .beta = beta, .epsilon = eps}).values(pc, pr, per_pair);
+  CHECK(per_pair(0) == Approx(-1e4 * eps / (1 - 2 * eps)));  // unbounded below, linearly
+  CHECK(per_pair(1) == Approx(1e4 * (1 - eps) / (1 - 2 * eps)));
+  // Small margins keep relative accuracy: sp(-40) = e^-40.
+  Vector<S> forty(1), none = Vector<S>::Zero(1), tiny(1);
+  forty << S(40);
+  dpo.values(forty, none, tiny);
+  CHECK(tiny(0) == Approx(std::exp(-40.0)).epsilon(1e-5));
+}
+
+TEST_CASE("reductions, reference-free mode, reference gradients and metrics", "[preference]") {
+  const Batch batch = random_batch(K::Sigmoid, 50, 3);
+  const Eigen::Index n = 50;
+  const PreferenceLoss<double> mean({.kind = K::Robust, .epsilon = 0.1});
+  const PreferenceLoss<double> sum({.kind = K::Robust, .epsilon = 0.1, .reduction = Reduction::Sum});
+  const PreferenceLoss<double> none({.kind = K::Robust, .epsilon = 0.1, .reduction = Reduction::None});
+  Eigen::VectorXd per_pair(n);
+  mean.values(batch.pc, batch.pr, batch.rc, batch.rr, per_pair);
+  CHECK(mean.value(batch.pc, batch.pr, batch.rc, batch.rr) == Approx(per_pair.mean()));
+  CHECK(sum.value(batch.pc, batch.pr, batch.rc, batch.rr) == Approx(per_pair.sum()));
+  CHECK(none.value(batch.pc, batch.pr, batch.rc, batch.rr) == Approx(per_pair.sum()));
+
+  Eigen::VectorXd dpc(n), dpr(n), drc(n), drr(n), dpc_sum(n), dpr_sum(n);
+  PreferenceMetrics<double> metrics;
+  mean.value_and_grad(batch.pc, batch.pr, batch.rc, batch.rr, dpc, dpr, drc, drr, &metrics);
+  sum.value_and_grad(batch.pc, batch.pr, batch.rc, batch.rr, dpc_sum, dpr_sum);
+  CHECK(dpc.isApprox(dpc_sum / n));
+  CHECK(dpr.isApprox(dpr_sum / n));
+  CHECK(drc.isApprox(-dpc));
+  CHECK(drr.isApprox(-dpr));
+
+  const double beta = mean.options().beta;
+  const Eigen::VectorXd chosen = beta * (batch.pc - batch.rc), rejected = beta * (batch.pr - batch.rr);
+  CHECK(metrics.chosen_reward == Approx(chosen.mean()));
+  CHECK(metrics.rejected_reward == Approx(rejected.mean()));
+  CHECK(metrics.reward_margin == Approx((chosen - rejected).mean()));
+  CHECK(metrics.reward_accuracy == Approx((chosen.array() > rejected.array()).cast<double>().mean()));
+  const auto alone = mean.metrics(batch.pc, batch.pr, batch.rc, batch.rr);
+  CHECK(alone.reward_accuracy == metrics.reward_accuracy);
+  CHECK(alone.chosen_reward == Approx(metrics.chosen_reward));
+
+  // Reference-free: a uniform reference, rc = rr = 0; expressions are accepted as inputs.
+  const Eigen::VectorXd zero = Eigen::VectorXd::Zero(n);
+  Eigen::VectorXd free_dpc(n), free_dpr(n);
+  CHECK(mean.value(2 * batch.pc, batch.pr) == Approx(mean.value(2 * batch.pc, batch.pr, zero, zero)));
+  mean.value_and_grad(batch.pc, batch.pr, free_dpc, free_dpr);
+  mean.value_and_grad(batch.pc, batch.pr, zero, zero, dpc, dpr);
+  CHECK(free_dpc == dpc);
+  CHECK(free_dpr == dpr);
+}
+
+TEST_CASE("the sorting kinds send gradients through the permutation", "[preference][aot]") {
+  // With a one-pair batch Aot is cDPO; with the batch reordered, the loss is unchanged.
+  const Batch batch = random_batch(K::Aot, 9, 21);
+  const PreferenceLoss<double> aot({.kind = K::Aot, .beta = 0.5, .epsilon = 0.1});
+  const PreferenceLoss<double> cdpo({.kind = K::Conservative, .beta = 0.5, .epsilon = 0.1});
+  CHECK(aot.value(batch.pc.head(1), batch.pr.head(1), batch.rc.head(1), batch.rr.head(1)) ==
+        Approx(cdpo.value(batch.pc.head(1), batch.pr.head(1), batch.rc.head(1), batch.rr.head(1))));
+  const Eigen::VectorXd reversed_rc = batch.rc.reverse(), reversed_rr = batch.rr.reverse();
+  CHECK(aot.value(batch.pc, batch.pr, reversed_rc, reversed_rr) == Approx(aot.value(batch.pc, batch.pr, batch.rc, batch.rr)));
+}
+
+TEST_CASE("preference losses reject bad input", "[preference][errors]") {
+  const Eigen::VectorXd v = Eigen::VectorXd::Ones(4), short_v = Eigen::VectorXd::Ones(3), empty(0);
+  Eigen::VectorXd g(4), wrong(3);
+  const PreferenceLoss<double> dpo;
+  CHECK_THROWS_WITH(dpo.value(v, v, v, short_v),
+                    "gradus::PreferenceLoss::value: argument 'reference_rejected': expected 4 entries (size of "
+                    "policy_chosen), got 3");
+  CHECK_THROWS_AS(dpo.value(v, short_v), gradus::invalid_argument);
+  CHECK_THROWS_WITH(dpo.value(empty, empty), Catch::Contains("'policy_chosen'") && Catch::Contains("pairs"));
+  CHECK_THROWS_WITH(dpo.value_and_grad(v, v, v, v, g, wrong), Catch::Contains("'dpolicy_rejected'"));
+  CHECK_THROWS_WITH(dpo.value_and_grad(v, v, v, v, g, g, g, wrong), Catch::Contains("'dreference_rejected'"));
+  CHECK_THROWS_WITH(dpo.values(v, v, wrong), Catch::Contains("'per_pair'"));
+
+  CHECK_THROWS_WITH(PreferenceLoss<double>({.beta = 0}), Catch::Contains("'options.beta'"));
+  CHECK_THROWS_AS(PreferenceLoss<double>({.beta = -1}), gradus::invalid_argument);
+  CHECK_THROWS_AS(PreferenceLoss<float>({.beta = std::numeric_limits<float>::infinity()}), gradus::invalid_argument);
+  CHECK_THROWS_AS(PreferenceLoss<double>({.beta = std::nan("")}), gradus::invalid_argument);
+  CHECK_THROWS_WITH(PreferenceLoss<double>({.kind = K::Robust, .epsilon = 0.5}),
+                    Catch::Contains("options.epsilon") && Catch::Contains("0.5"));
+  CHECK_THROWS_AS(PreferenceLoss<double>({.kind = K::Robust, .epsilon = -0.1}), gradus::invalid_argument);
+  CHECK_NOTHROW(PreferenceLoss<double>({.kind = K::Robust, .epsilon = 0.49}));
+  CHECK_THROWS_AS(PreferenceLoss<double>({.kind = K::Conservative, .epsilon = 1.5}), gradus::invalid_argument);
+  CHECK_THROWS_AS(PreferenceLoss<double>({.kind = K::Aot, .epsilon = -1}), gradus::invalid_argument);
+  CHECK_THROWS_WITH(PreferenceLoss<double>({.kind = K::ExoPair}), Catch::Contains("ExoPair"));
+  CHECK_THROWS_AS(PreferenceLoss<double>({.kind = K::DiscoPOP, .discopop_tau = 0}), gradus::invalid_argument);
+}
+
+TEST_CASE("non-finite log-probs propagate NaN", "[preference][errors]") {
+  Eigen::VectorXd pc = Eigen::VectorXd::Zero(3), pr = Eigen::VectorXd::Zero(3), dpc(3), dpr(3);
+  pc(1) = std::nan("");
+  for (K kind : all_kinds) {
+    INFO(name(kind));
+    const PreferenceLoss<double> loss(options_for<double>(kind));
+    CHECK(std::isnan(loss.value_and_grad(pc, pr, dpc, dpr)));
+    CHECK((dpc.array().isNaN() || dpr.array().isNaN()).any());
+  }
+}
+
+// ---- Sequence log-probabilities from token logits ----
+
+namespace {
+
+// log p(y) with an explicit log-softmax, row by row.
+template <class S>
+double explicit_logprob(const RowMatrix<S>& z, const Labels& y, const Labels& mask) {
+  const RowMatrix<double> zd = z.template cast<double>();
+  double total = 0;
+  for (Eigen::Index t = 0; t < zd.rows(); ++t) {
+    if (mask(t) == 0) continue;
+    const double m = zd.row(t).maxCoeff();
+    total += zd(t, y(t)) - m - std::log((zd.row(t).array() - m).exp().sum());
+  }
+  return total;
+}
+
+struct Tokens {
+  RowMatrix<double> logits;
+  Labels targets, mask;
+};
+
+Tokens random_tokens(Eigen::Index positions, Eigen::Index vocabulary, unsigned seed, double spread = 3) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<double> normal(0, spread);
+  std::uniform_int_distribution<int> token(0, static_cast<int>(vocabulary) - 1);
+  Tokens tokens{RowMatrix<double>(positions, vocabulary), Labels(positions), Labels(positions)};
+  for (Eigen::Index i = 0; i < tokens.logits.size(); ++i) tokens.logits.data()[i] = normal(rng);
+  for (Eigen::Index t = 0; t < positions; ++t) {
+    tokens.targets(t) = token(rng);
+    tokens.mask(t) = t >= positions / 3 ? 1 : 0;  // a prompt, then the completion
+  }
+  return tokens;
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("sequence log-probs match an explicit log-softmax", "[preference][tokens]", float, double) {
+  using S = TestType;
+  const double tolerance = std::is_same_v<S, float> ? 1e-4 : 1e-12;
+  for (auto [positions, vocabulary] : {std::pair<Eigen::Index, Eigen::Index>{1, 1}, {3, 2}, {7, 9}, {17, 8},
+                                       {5, 64}, {9, 300}}) {
+    INFO("T=" << positions << " V=" << vocabulary);
+    const Tokens tokens = random_tokens(positions, vocabulary, 3 + static_cast<unsigned>(positions));
+    const RowMatrix<S> z = tokens.logits.cast<S>();
+    const SequenceLogProb<S> logprob;
+    const double expected = explicit_logprob(z, tokens.targets, tokens.mask);
+    CHECK(logprob.value(z, tokens.targets, tokens.mask) == Approx(expected).epsilon(tolerance).margin(tolerance));
+    const Labels all = Labels::Ones(positions);
+    CHECK(logprob.value(z, tokens.targets) ==
+          Approx(explicit_logprob(z, tokens.targets, all)).epsilon(tolerance).margin(tolerance));
+    const Eigen::Index counted = tokens.mask.sum();
+    const SequenceLogProb<S> mean({.average = true});
+    if (counted > 0) {
+      CHECK(mean.value(z, tokens.targets, tokens.mask) ==
+            Approx(expected / static_cast<double>(counted)).epsilon(tolerance).margin(tolerance));
+    } else {
+      CHECK(std::isnan(mean.value(z, tokens.targets, tokens.mask)));
+    }
+
+    // Gradient: float against differences of the double implementation.
+    RowMatrix<S> dz(positions, vocabulary), scaled(positions, vocabulary);
+    const S value = logprob.value_and_grad(z, tokens.targets, tokens.mask, dz);
+    CHECK(value == Approx(expected).epsilon(tolerance).margin(tolerance));
+    // Differences of the long double implementation, centered (see centered_long_double). The
+    // kernel sums in double, which leaves noise of about 1e-16 |log p| / step in the differences.
+    const SequenceLogProb<long double> reference;
+    const RowMatrix<long double> z0 = tokens.logits.cast<long double>();
+    const long double center = reference.value(z0, tokens.targets, tokens.mask);
+    auto f = [&](const Eigen::VectorXd& p) {
+      const RowMatrix<long double> zp = Eigen::Map<const RowMatrix<double>>(p.data(), positions, vocabulary).cast<long double>();
+      return static_cast<double>(reference.value(zp, tokens.targets, tokens.mask) - center);
+    };
+    testing::GradientCheckOptions check;
+    check.tolerance = std::is_same_v<S, float> ? 1e-3 : 1e-5;
+    const Eigen::VectorXd x = Eigen::Map<const Eigen::VectorXd>(tokens.logits.data(), tokens.logits.size());
+    const Eigen::VectorXd analytic = Eigen::Map<const Vector<S>>(dz.data(), dz.size()).template cast<double>();
+    const auto report = testing::check_gradient(f, x, analytic, check);
+    INFO(report.summary());
+    CHECK(report.ok);
+    for (Eigen::Index t = 0; t < positions; ++t) {
+      if (tokens.mask(t) == 0) CHECK(dz.row(t).isZero());
+    }
+    // vjp folds the upstream factor into the same pass.
+    logprob.vjp(z, tokens.targets, tokens.mask, S(-2.5), scaled);
+    CHECK(scaled.isApprox(S(-2.5) * dz));
+  }
+}
+
+TEMPLATE_TEST_CASE("sequence log-probs at extreme logits", "[preference][tokens][numerics]", float, double) {
+  using S = TestType;
+  RowMatrix<S> z(2, 3), dz(2, 3);
+  z << S(1e4), S(-1e4), S(0), S(-1e4), S(1e4), S(1e4);
+  Labels y(2);
+  y << 0, 0;
+  const SequenceLogProb<S> logprob;
+  const S value = logprob.value_and_grad(z, y, dz);
+  CHECK(value == Approx(-2e4 - std::log(2.0)));  // 0 + (-1e4 - (1e4 + log 2))
+  CHECK(dz.allFinite());
+  CHECK(dz(1, 0) == Approx(1));
+  CHECK(dz(1, 1) == Approx(-0.5));
+}
+
+TEST_CASE("DPO trains end to end from token logits", "[preference][tokens]") {
+  // pc, pr from chosen and rejected logits of 3 pairs; the gradient of the rDPO loss with respect
+  // to every logit, by the chain rule through vjp, against finite differences.
+  const Eigen::Index pairs = 3, positions = 6, vocabulary = 11;
+  std::vector<Tokens> chosen, rejected;
+  for (unsigned i = 0; i < pairs; ++i) {
+    chosen.push_back(random_tokens(positions, vocabulary, 100 + i, 1));
+    rejected.push_back(random_tokens(positions, vocabulary, 200 + i, 1));
+  }
+  const Eigen::VectorXd ref_c = Eigen::VectorXd::Constant(pairs, -20), ref_r = Eigen::VectorXd::Constant(pairs, -21);
+  const PreferenceLoss<double> loss({.kind = K::Robust, .beta = 0.5, .epsilon = 0.2});
+  const SequenceLogProb<double> logprob;
+  const Eigen::Index block = positions * vocabulary;
+  auto logits = [&](const Eigen::VectorXd& x, Eigen::Index k) {
+    return Eigen::Map<const RowMatrix<double>>(x.data() + k * block, positions, vocabulary);
+  };
+  auto fg = [&](const Eigen::VectorXd& x, Eigen::VectorXd& grad) {
+    Eigen::VectorXd pc(pairs), pr(pairs), dpc(pairs), dpr(pairs);
+    for (Eigen::Index i = 0; i < pairs; ++i) {
+      pc(i) = logprob.value(logits(x, 2 * i), chosen[i].targets, chosen[i].mask);
+      pr(i) = logprob.value(logits(x, 2 * i + 1), rejected[i].targets, rejected[i].mask);
+    }
+    const double value = loss.value_and_grad(pc, pr, ref_c, ref_r, dpc, dpr);
+    for (Eigen::Index i = 0; i < pairs; ++i) {
+      Eigen::Map<RowMatrix<double>> gc(grad.data() + 2 * i * block, positions, vocabulary);
+      Eigen::Map<RowMatrix<double>> gr(grad.data() + (2 * i + 1) * block, positions, vocabulary);
+      logprob.vjp(logits(x, 2 * i), chosen[i].targets, chosen[i].mask, dpc(i), gc);
+      logprob.vjp(logits(x, 2 * i + 1), rejected[i].targets, rejected[i].mask, dpr(i), gr);
+    }
+    return value;
+  };
+  Eigen::VectorXd x(2 * pairs * block);
+  for (Eigen::Index i = 0; i < pairs; ++i) {
+    Eigen::Map<RowMatrix<double>>(x.data() + 2 * i * block, positions, vocabulary) = chosen[i].logits;
+    Eigen::Map<RowMatrix<double>>(x.data() + (2 * i + 1) * block, positions, vocabulary) = rejected[i].logits;
+  }
+  const auto report = testing::check_value_and_grad(fg, x);
+  INFO(report.summary());
+  CHECK(report.ok);
+}
+
+TEST_CASE("sequence log-probs reject bad input", "[preference][tokens][errors]") {
+  RowMatrix<double> z = RowMatrix<double>::Zero(3, 4), dz(3, 4), wrong(3, 5);
+  Labels y(3), mask(3), short_y(2);
+  y << 0, 4, 3;  // 4 is out of range but masked below
+  mask << 1, 0, 1;
+  const SequenceLogProb<double> logprob;
+  CHECK_NOTHROW(logprob.value(z, y, mask));
+  CHECK_THROWS_WITH(logprob.value(z, y),
+                    "gradus::SequenceLogProb::value: argument 'targets': expected token ids in [0, 4) where counted, "
+                    "got 4 at position 1");
+  y(1) = -1;
+  CHECK_THROWS_AS(logprob.value(z, y), gradus::invalid_argument);
+  CHECK_THROWS_WITH(logprob.value(z, short_y), Catch::Contains("'targets'"));
+  CHECK_THROWS_WITH(logprob.value(z, y, Labels(2)), Catch::Contains("'mask'"));
+  CHECK_THROWS_WITH(logprob.value_and_grad(z, y, mask, wrong), Catch::Contains("'dlogits'"));
+  CHECK_THROWS_WITH(logprob.value(RowMatrix<double>(0, 4), Labels(0)), Catch::Contains("'logits'"));
+  CHECK_THROWS_WITH(logprob.value(RowMatrix<double>(3, 0), y, mask), Catch::Contains("vocabulary"));
+  // A masked-out sequence has log-prob 0 (sum) and a zero gradient.
+  dz.setOnes();
+  CHECK(logprob.value_and_grad(z, y, Labels::Zero(3), dz) == 0);
+  CHECK(dz.isZero());
+}
