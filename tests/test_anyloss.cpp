@@ -338,6 +338,12 @@ TEST_CASE("AnyLoss composes with models and other losses", "[anyloss]") {
   CHECK(f1.value_and_grad(Z, y, dZ) == f1.value_and_grad(z, y, dz));  // N x 1 and N-vector alike
   CHECK(dZ.col(0) == dz);
   CHECK(f1.value(2.0 * z, y) == f1.value(Eigen::VectorXd(2.0 * z), y));  // expressions work
+  // An N x 1 block of a wider row-major matrix is strided, as input and as gradient.
+  RowMatrix<double> wide = uniform(20, 3, -1, 1, 8), dwide = RowMatrix<double>::Zero(20, 3);
+  wide.col(1) = z;
+  CHECK(f1.value_and_grad(wide.block(0, 1, 20, 1), y, dwide.block(0, 1, 20, 1)) == f1.value(z, y));
+  CHECK(dwide.col(1) == dz);
+  CHECK(dwide.col(0).isZero());
 
   const auto mix = 0.25 * f1 + 0.75 * gmean;
   RowMatrix<double> dmix(20, 1), dg(20, 1);

@@ -158,6 +158,7 @@ void binary_block(const S* z, const int* y, Index n, S L, bool logits, SoftCount
   k.fn += static_cast<double>((positive * not_a).sum());
   k.fp += static_cast<double>((negative * a).sum());
   k.tn += static_cast<double>((negative * not_a).sum());
+  k.positives += static_cast<Index>(positive.sum());
   if (weight != nullptr) {
     Eigen::Map<Eigen::Array<S, Eigen::Dynamic, 1>> w(weight, n);
     w = L * a * not_a;
@@ -165,6 +166,7 @@ void binary_block(const S* z, const int* y, Index n, S L, bool logits, SoftCount
   }
 }
 
+// Max-shifted row softmax, one exp per element.
 template <class S>
 void softmax_rows(const Eigen::Ref<const RowMatrix<S>>& Z, RowMatrix<S>& P) {
   P.resize(Z.rows(), Z.cols());  // no-op after the first call at a given shape
@@ -240,7 +242,10 @@ class AnyLoss {
     detail::require_nonempty(function, name, Z.rows());
     detail::require_nonempty(function, name, Z.cols(), "columns");
     detail::require_size(function, "labels", labels.size(), Z.rows(), "entries (rows of Z)");
-    detail::require_labels(function, "labels", labels, Z.cols() == 1 ? 2 : Z.cols());
+    const Index classes = Z.cols() == 1 ? 2 : Z.cols();
+    if (labels.minCoeff() < 0 || labels.maxCoeff() >= classes) {  // vectorized scan; the message names the first
+      detail::require_labels(function, "labels", labels, classes);
+    }
     if (!logits()) require_probabilities(function, name, Z);
     return Z.cols() == 1 ? binary(function, Z, labels, dZ) : multiclass(function, Z, labels, dZ);
   }
@@ -248,18 +253,24 @@ class AnyLoss {
   S binary(std::string_view function, const Eigen::Ref<const RowMatrix<S>>& Z, const Eigen::Ref<const Labels>& labels,
            Eigen::Ref<RowMatrix<S>>* dZ) const {
     const Index n = Z.rows();
+    // The kernel runs over contiguous columns; an N x 1 block of a wider matrix goes through a copy.
+    const bool strided_z = n > 1 && Z.outerStride() != 1, strided_grad = dZ && n > 1 && dZ->outerStride() != 1;
+    if (strided_z) column_ = Z.col(0);
+    if (strided_grad) grad_column_.resize(n);
+    const S* z = strided_z ? column_.data() : Z.data();
+    S* weight = !dZ ? nullptr : strided_grad ? grad_column_.data() : dZ->data();
     detail::SoftCounts counts;
     for (Index start = 0; start < n; start += detail::kAnyLossBlock) {
       const Index size = std::min<Index>(detail::kAnyLossBlock, n - start);
-      detail::binary_block(Z.data() + start, labels.data() + start, size, options_.amplify, logits(), counts,
-                           dZ ? dZ->data() + start : nullptr);
+      detail::binary_block(z + start, labels.data() + start, size, options_.amplify, logits(), counts,
+                           weight ? weight + start : nullptr);
     }
-    counts.positives = labels.sum();
     counts.negatives = n - counts.positives;
     const detail::MetricSlopes slopes = detail::metric_slopes(metric_, counts, function, "");
-    if (dZ) {  // dz_i = slope(y_i) * da_i/dz_i, the latter stored in dZ by pass 1
+    if (dZ) {  // dz_i = slope(y_i) * da_i/dz_i, the latter stored by pass 1
       const S negative = static_cast<S>(slopes.negative), step = static_cast<S>(slopes.positive - slopes.negative);
-      dZ->col(0).array() *= negative + step * labels.array().template cast<S>();
+      Eigen::Map<Eigen::Array<S, Eigen::Dynamic, 1>>(weight, n) *= negative + step * labels.array().template cast<S>();
+      if (strided_grad) dZ->col(0) = grad_column_;
     }
     return static_cast<S>(1 - slopes.metric);
   }
@@ -324,7 +335,8 @@ class AnyLoss {
 
   MetricFn metric_;
   Options options_;
-  // Multi-class scratch, reused across calls of the same shape.
+  // Scratch reused across calls of the same shape: strided binary columns, multi-class state.
+  mutable Vector<S> column_, grad_column_;
   mutable RowMatrix<S> probabilities_;
   mutable Eigen::Array<double, Eigen::Dynamic, 4> counts_;
   mutable Eigen::Array<Index, Eigen::Dynamic, 1> positives_;
