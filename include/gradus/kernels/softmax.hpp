@@ -140,36 +140,53 @@ S comp_sum_row(const CompSumJob<S>& job, Index i) {
   return terms.value(0);
 }
 
+// Rows of few classes are processed kLanes at a time (one SIMD register of samples).
+template <class S>
+inline constexpr int kLanes = 2 * Eigen::internal::packet_traits<S>::size;
+
+// Transposes the logits of `count` <= kLanes rows into t[c * kLanes + l] = x[l * ld + c],
+// padding missing rows with 0, and back: g[l * ld + c] = t[c * kLanes + l] for l < count.
+template <class S>
+void gather_columns(const S* x, Index ld, Index n, Index count, S* t) {
+  for (Index l = 0; l < count; ++l)
+    for (Index c = 0; c < n; ++c) t[c * kLanes<S> + l] = x[l * ld + c];
+  for (Index l = count; l < kLanes<S>; ++l)
+    for (Index c = 0; c < n; ++c) t[c * kLanes<S> + l] = 0;
+}
+
+template <class S>
+void scatter_columns(const S* t, Index n, Index count, S* g, Index ld) {
+  for (Index l = 0; l < count; ++l)
+    for (Index c = 0; c < n; ++c) g[l * ld + c] = t[c * kLanes<S> + l];
+}
+
 // Up to kLanes rows of few classes, vectorized across the rows; returns their (scaled) value sum.
 template <class S>
 S comp_sum_block(const CompSumJob<S>& job, Index first, Index count) {
-  constexpr int kLanes = 2 * Eigen::internal::packet_traits<S>::size;
-  using Lanes = Eigen::Array<S, kLanes, 1>;
+  constexpr int L = kLanes<S>;
+  using Lanes = Eigen::Array<S, L, 1>;
   using LaneMap = Eigen::Map<Lanes, Eigen::Aligned>;
   const Index n = job.cols;
-  // t[c * kLanes + l] = logit c of row first + l; padding lanes stay 0 and inactive.
-  alignas(64) S t[kSmallClasses * kLanes];
-  int column[kLanes];
-  Lanes v_y, active, h_y;
-  for (int l = 0; l < kLanes; ++l) {
-    const bool real = l < count;
-    const S* x = job.logits + (first + l) * job.ld_logits;
-    for (Index c = 0; c < n; ++c) t[c * kLanes + l] = real ? x[c] : S(0);
-    const int y = real ? job.labels[first + l] : job.ignore_index;
+  auto v = [&](Index c) { return job.class_weight ? job.class_weight[c] : S(1); };
+  alignas(64) S t[kSmallClasses * L];  // t[c * L + l]: class c of row first + l
+  gather_columns(job.logits + first * job.ld_logits, job.ld_logits, n, count, t);
+  Lanes v_y, active, column, h_y;  // padding lanes are inactive
+  for (int l = 0; l < L; ++l) {
+    const int y = l < count ? job.labels[first + l] : job.ignore_index;
     active(l) = y != job.ignore_index;
-    column[l] = active(l) > 0 ? y : 0;
-    v_y(l) = active(l) > 0 && job.class_weight ? job.class_weight[y] : active(l);
-    h_y(l) = t[column[l] * kLanes + l];
+    column(l) = active(l) > 0 ? S(y) : S(0);
+    v_y(l) = active(l) > 0 ? v(y) : S(0);
+    h_y(l) = t[Index(column(l)) * L + l];
   }
   Lanes m = LaneMap(t);
-  for (Index c = 1; c < n; ++c) m = m.max(LaneMap(t + c * kLanes));
+  for (Index c = 1; c < n; ++c) m = m.max(LaneMap(t + c * L));
   Lanes dot = Lanes::Zero();
   if (job.smoothing > 0) {
-    for (Index c = 0; c < n; ++c) dot += (job.class_weight ? job.class_weight[c] : S(1)) * (LaneMap(t + c * kLanes) - m);
+    for (Index c = 0; c < n; ++c) dot += v(c) * (LaneMap(t + c * L) - m);
   }
   Lanes s = Lanes::Zero();
   for (Index c = 0; c < n; ++c) {
-    LaneMap e(t + c * kLanes);
+    LaneMap e(t + c * L);
     e = (e - m).exp();
     s += e;
   }
@@ -178,21 +195,14 @@ S comp_sum_block(const CompSumJob<S>& job, Index first, Index count) {
   if (job.grad != nullptr) {
     const Lanes a_over_s = terms.a / s;
     for (Index c = 0; c < n; ++c) {
-      LaneMap e(t + c * kLanes);
-      e = e * a_over_s - (job.class_weight ? job.class_weight[c] : S(1)) * terms.c;
+      LaneMap g(t + c * L);
+      g = g * a_over_s - v(c) * terms.c - (column == S(c)).select(terms.b, Lanes::Zero());
+      g = (active > 0).select(g, Lanes::Zero());  // ignored rows: zero, even for non-finite logits
     }
-    for (int l = 0; l < count; ++l) {
-      S* g = job.grad + (first + l) * job.ld_grad;
-      if (active(l) > 0) {
-        for (Index c = 0; c < n; ++c) g[c] = t[c * kLanes + l];
-        g[column[l]] -= terms.b(l);
-      } else {
-        std::fill(g, g + n, S(0));
-      }
-    }
+    scatter_columns(t, n, count, job.grad + first * job.ld_grad, job.ld_grad);
   }
   if (job.per_sample != nullptr) {
-    for (int l = 0; l < count; ++l) job.per_sample[first + l] = terms.value(l);
+    Eigen::Map<Eigen::Array<S, Eigen::Dynamic, 1>>(job.per_sample + first, count) = terms.value.head(count);
   }
   return terms.value.sum();
 }
@@ -201,7 +211,7 @@ S comp_sum_block(const CompSumJob<S>& job, Index first, Index count) {
 template <class S>
 double comp_sum_rows(const CompSumJob<S>& job) {
   const bool small = job.cols < kSmallClasses;
-  const Index lanes = 2 * Eigen::internal::packet_traits<S>::size;
+  const Index lanes = kLanes<S>;
   const Index units = small ? (job.rows + lanes - 1) / lanes : job.rows;
   auto run = [&](Index begin, Index end) {
     double total = 0;
