@@ -96,14 +96,26 @@ void require_simplex_rows(std::string_view function, std::string_view argument,
   }
 }
 
-// In place, row by row: z <- softmax(z), max-shifted.
+// In place: z <- softmax(z) row by row, max-shifted. When the rows are contiguous the exp runs
+// over the whole block at once: rows of a few actions are too short to vectorize alone.
 template <class S>
 void softmax_rows_in_place(Eigen::Ref<RowMatrix<S>> z) {
+  const Index d = z.cols();
   for (Index r = 0; r < z.rows(); ++r) {
-    auto row = z.row(r).array();
-    row -= row.maxCoeff();
-    row = row.exp();
-    row /= row.sum();
+    S* row = z.row(r).data();
+    const S max = Eigen::Map<const Vector<S>>(row, d).maxCoeff();
+    for (Index a = 0; a < d; ++a) row[a] -= max;
+  }
+  if (z.outerStride() == d) {
+    Eigen::Map<Eigen::Array<S, Eigen::Dynamic, 1>> flat(z.data(), z.size());
+    flat = flat.exp();
+  } else {
+    z.array() = z.array().exp();
+  }
+  for (Index r = 0; r < z.rows(); ++r) {
+    S* row = z.row(r).data();
+    const S inverse = 1 / Eigen::Map<const Vector<S>>(row, d).sum();
+    for (Index a = 0; a < d; ++a) row[a] *= inverse;
   }
 }
 
@@ -119,13 +131,27 @@ void exclusive_sums(Eigen::Ref<RowMatrix<S>> rows, Index rounds, bool reversed =
   }
 }
 
+// <x, y> of two rows of d entries.
+template <class S>
+S row_dot(const S* x, const S* y, Index d) {
+  return Eigen::Map<const Vector<S>>(x, d).dot(Eigen::Map<const Vector<S>>(y, d));
+}
+
 // R_j = sum_t <l_t, pi_t> - min_a sum_t l_{t,a} for each stacked sequence j.
 template <class S>
 void sequence_regrets(const Eigen::Ref<const RowMatrix<S>>& losses, const Eigen::Ref<const RowMatrix<S>>& policies,
                       Index rounds, Eigen::Ref<Vector<S>> regrets) {
+  const Index d = losses.cols();
+  Vector<S> totals(d);
   for (Index j = 0; j < regrets.size(); ++j) {
-    const auto l = losses.middleRows(j * rounds, rounds);
-    regrets(j) = l.cwiseProduct(policies.middleRows(j * rounds, rounds)).sum() - l.colwise().sum().minCoeff();
+    S learner = 0;
+    totals.setZero();
+    for (Index r = j * rounds; r < (j + 1) * rounds; ++r) {
+      const S* l = losses.row(r).data();
+      learner += row_dot(l, policies.row(r).data(), d);
+      for (Index a = 0; a < d; ++a) totals[a] += l[a];
+    }
+    regrets(j) = learner - totals.minCoeff();
   }
 }
 
@@ -193,23 +219,28 @@ class RegretLoss {
     const Index k = check("RegretLoss::value_and_grad", losses, policies, rounds);
     detail::require_shape("RegretLoss::value_and_grad", "grad", grad.rows(), grad.cols(), losses.rows(),
                           losses.cols());
-    if (options_.from_logits) {  // grad holds pi until the last pass
-      grad = policies;
-      detail::softmax_rows_in_place<S>(grad);
-    }
-    const Eigen::Ref<const RowMatrix<S>> pi = options_.from_logits ? Eigen::Ref<const RowMatrix<S>>(grad) : policies;
     Vector<S> regrets(k), dregrets(k);
-    detail::sequence_regrets<S>(losses, pi, rounds, regrets);
+    if (options_.from_logits) {  // grad holds pi until the last pass; a sequence at a time, while in cache
+      for (Index j = 0; j < k; ++j) {
+        auto pi = grad.middleRows(j * rounds, rounds);
+        pi = policies.middleRows(j * rounds, rounds);
+        detail::softmax_rows_in_place<S>(pi);
+        detail::sequence_regrets<S>(losses.middleRows(j * rounds, rounds), pi, rounds, regrets.segment(j, 1));
+      }
+    } else {
+      detail::sequence_regrets<S>(losses, policies, rounds, regrets);
+    }
     const S loss = weigh(regrets, &dregrets);
+    const Index d = losses.cols();
     for (Index r = 0; r < losses.rows(); ++r) {
       const S dR = dregrets(r / rounds);
-      const auto l = losses.row(r).array();
-      auto g = grad.row(r).array();
-      if (options_.from_logits) {
-        const S learner_loss = (l * g).sum();
-        g = dR * g * (l - learner_loss);
+      const S* l = losses.row(r).data();
+      S* g = grad.row(r).data();
+      if (options_.from_logits) {  // g holds pi
+        const S learner_loss = detail::row_dot(l, g, d);
+        for (Index a = 0; a < d; ++a) g[a] = dR * g[a] * (l[a] - learner_loss);
       } else {
-        g = dR * l;
+        for (Index a = 0; a < d; ++a) g[a] = dR * l[a];
       }
     }
     return loss;
