@@ -242,7 +242,7 @@ TEMPLATE_TEST_CASE("pgd_attack respects the box and lowers accuracy", "[adversar
   model.predict(theta, X, Z);
   Labels y(n);  // the model's own predictions: clean accuracy 1
   for (Index i = 0; i < n; ++i) Z.row(i).maxCoeff(&y(i));
-  const PGDAttackOptions<S> options{.gamma = S(0.3), .seed = 9, .lower = 0, .upper = 1};
+  const PGDOptions<S> options{.gamma = S(0.3), .seed = 9, .lower = 0, .upper = 1};
   RowMatrix<S> X_adv(n, d);
   pgd_attack(model, theta, X, y, options, X_adv);
   CHECK(X_adv.minCoeff() >= 0);

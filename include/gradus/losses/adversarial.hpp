@@ -27,10 +27,10 @@
 // Outer gradient (Danskin): the point x' the ascent found is held fixed, and the gradient
 // flows to the parameters through both h(x') and h(x).
 //
-// For evaluation, pgd_attack runs the same ascent on the margin loss
-// max_{y' != y} h_y'(x') - h_y(x') (the "PGD margin" attack of Rice et al. 2020, which the
-// paper evaluates with), optionally inside a box such as pixels in [0, 1]; robust_accuracy
-// is the accuracy on its output.
+// For evaluation, pgd_attack runs projected gradient ascent (public, for other objectives
+// such as TRADES' KL term too) on the margin loss max_{y' != y} h_y'(x') - h_y(x') (the
+// "PGD margin" attack of Rice et al. 2020, which the paper evaluates with), optionally inside
+// a box such as pixels in [0, 1]; robust_accuracy is the accuracy on its output.
 //
 //   gradus::SmoothAdversarialLoss<float> loss({.nu = 1, .gamma = 0.1f, .steps = 10});
 //   float value = loss.value_and_grad(model, theta, X, y, dtheta);   // any gradus::Model
@@ -68,7 +68,7 @@ struct SmoothAdversarialOptions {
 };
 
 template <class S>
-struct PGDAttackOptions {
+struct PGDOptions {
   S gamma = S(8) / S(255);
   PerturbationNorm norm = PerturbationNorm::Linf;
   int steps = 20;
@@ -91,12 +91,18 @@ void validate_ball(const char* function, S gamma, int steps, S step_size) {
   require_finite(function, "options.step_size", step_size);
 }
 
-template <Model M, class DT, class DX, class DY>
-void validate_batch(const char* function, const M& model, const Eigen::MatrixBase<DT>& theta,
-                    const Eigen::MatrixBase<DX>& X, const Eigen::MatrixBase<DY>& y) {
+template <Model M, class DT, class DX>
+void validate_inputs(const char* function, const M& model, const Eigen::MatrixBase<DT>& theta,
+                     const Eigen::MatrixBase<DX>& X) {
   require_size(function, "theta", theta.size(), model.num_params(), "entries (num_params)");
   require_nonempty(function, "X", X.rows());
   require_size(function, "X", X.cols(), model.num_inputs(), "columns (num_inputs)");
+}
+
+template <Model M, class DT, class DX, class DY>
+void validate_batch(const char* function, const M& model, const Eigen::MatrixBase<DT>& theta,
+                    const Eigen::MatrixBase<DX>& X, const Eigen::MatrixBase<DY>& y) {
+  validate_inputs(function, model, theta, X);
   require_size(function, "labels", y.size(), X.rows(), "entries (rows of X)");
   require_labels(function, "labels", y, model.num_outputs());
 }
@@ -106,7 +112,7 @@ void validate_batch(const char* function, const M& model, const Eigen::MatrixBas
 // uniform noise of half-width start_radius (then projected), drawn from options.seed.
 template <Model M, class DT, class DX, class OutputGrad>
 void projected_gradient_ascent(const M& model, const Eigen::MatrixBase<DT>& theta, const Eigen::MatrixBase<DX>& X,
-                               const PGDAttackOptions<typename M::Scalar>& options,
+                               const PGDOptions<typename M::Scalar>& options,
                                typename M::Scalar start_radius, OutputGrad&& output_grad,
                                RowMatrix<typename M::Scalar>& X_adv, RowMatrix<typename M::Scalar>& Z_adv,
                                RowMatrix<typename M::Scalar>& dZ, RowMatrix<typename M::Scalar>& dX) {
@@ -148,6 +154,22 @@ void projected_gradient_ascent(const M& model, const Eigen::MatrixBase<DT>& thet
     }
     project();
   }
+}
+
+// The public ascent: validates the options and the output, and starts from x or anywhere in the ball.
+template <Model M, class DT, class DX, class OutputGrad>
+void checked_ascent(const char* function, const M& model, const Eigen::MatrixBase<DT>& theta,
+                    const Eigen::MatrixBase<DX>& X, const PGDOptions<typename M::Scalar>& options,
+                    OutputGrad&& output_grad, Eigen::Ref<RowMatrix<typename M::Scalar>> X_adv) {
+  using S = typename M::Scalar;
+  validate_ball(function, options.gamma, options.steps, options.step_size);
+  require(options.lower <= options.upper, function, "options.lower", "a value <= options.upper", options.lower);
+  require_size(function, "X_adv", X_adv.rows(), X.rows(), "rows (rows of X)");
+  require_size(function, "X_adv", X_adv.cols(), X.cols(), "columns (columns of X)");
+  RowMatrix<S> ascended, Z, dZ, dX;
+  detail::projected_gradient_ascent(model, theta, X, options, options.random_start ? options.gamma : S(0),
+                                    std::forward<OutputGrad>(output_grad), ascended, Z, dZ, dX);
+  X_adv = ascended;
 }
 
 // The smooth term of one sample from d = h(x') - h(x): returns ||u|| with u = d - d_y, and
@@ -275,7 +297,7 @@ class SmoothAdversarialLoss {
     }
     Z_.resize(X.rows(), model.num_outputs());
     model.predict(theta.derived(), X.derived(), Z_);
-    const PGDAttackOptions<S> ascent{.gamma = options_.gamma, .norm = options_.norm, .steps = options_.steps,
+    const PGDOptions<S> ascent{.gamma = options_.gamma, .norm = options_.norm, .steps = options_.steps,
                                      .step_size = options_.step_size, .random_start = options_.random_start,
                                      .seed = options_.seed};
     const S start_radius = options_.gamma * (options_.random_start ? S(1) : S(1e-3));
@@ -320,23 +342,30 @@ class SmoothAdversarialLoss {
   mutable Vector<S> per_sample_, dtheta_adv_;
 };
 
-// Adversarial inputs: projected gradient ascent on the margin loss max_{y' != y} h_y' - h_y
-// inside the l_inf or l_2 ball of radius gamma around each row of X (and the box
-// [lower, upper]). Writes X_adv (same shape as X).
+// Projected gradient ascent on sum_i f_i(h(x'_i)) over ||x'_i - x_i||_p <= gamma and the box
+// [lower, upper], from x or from a uniform random point of the ball (random_start).
+// output_grad(const RowMatrix<S>& Z', RowMatrix<S>& dZ') writes df_i / dh(x'_i), row by row.
+// Writes X_adv (same shape as X).
+template <Model M, class DT, class DX, class OutputGrad>
+void projected_gradient_ascent(const M& model, const Eigen::MatrixBase<DT>& theta, const Eigen::MatrixBase<DX>& X,
+                               const PGDOptions<typename M::Scalar>& options, OutputGrad&& output_grad,
+                               Eigen::Ref<RowMatrix<typename M::Scalar>> X_adv) {
+  detail::validate_inputs("projected_gradient_ascent", model, theta, X);
+  detail::checked_ascent("projected_gradient_ascent", model, theta, X, options,
+                         std::forward<OutputGrad>(output_grad), X_adv);
+}
+
+// Adversarial inputs for evaluation: projected gradient ascent on the margin loss
+// max_{y' != y} h_y'(x') - h_y(x').
 template <Model M, class DT, class DX, class DY>
 void pgd_attack(const M& model, const Eigen::MatrixBase<DT>& theta, const Eigen::MatrixBase<DX>& X,
-                const Eigen::MatrixBase<DY>& y, const PGDAttackOptions<typename M::Scalar>& options,
+                const Eigen::MatrixBase<DY>& y, const PGDOptions<typename M::Scalar>& options,
                 Eigen::Ref<RowMatrix<typename M::Scalar>> X_adv) {
   using S = typename M::Scalar;
   const char* function = "pgd_attack";
   detail::validate_batch(function, model, theta, X, y);
   detail::require(model.num_outputs() >= 2, function, "model", "at least 2 outputs (classes)",
                   static_cast<long long>(model.num_outputs()));
-  detail::validate_ball(function, options.gamma, options.steps, options.step_size);
-  detail::require(options.lower <= options.upper, function, "options.lower", "a value <= options.upper",
-                  options.lower);
-  detail::require_size(function, "X_adv", X_adv.rows(), X.rows(), "rows (rows of X)");
-  detail::require_size(function, "X_adv", X_adv.cols(), X.cols(), "columns (columns of X)");
   auto margin_grad = [&](const RowMatrix<S>& Z, RowMatrix<S>& dZ) {
     dZ.setZero();
     for (Index i = 0; i < Z.rows(); ++i) {
@@ -349,16 +378,13 @@ void pgd_attack(const M& model, const Eigen::MatrixBase<DT>& theta, const Eigen:
       dZ(i, label) = -1;
     }
   };
-  RowMatrix<S> attacked, Z, dZ, dX;
-  detail::projected_gradient_ascent(model, theta, X, options, options.random_start ? options.gamma : S(0),
-                                    margin_grad, attacked, Z, dZ, dX);
-  X_adv = attacked;
+  detail::checked_ascent(function, model, theta, X, options, margin_grad, X_adv);
 }
 
 // Fraction of rows of X still classified correctly (argmax of h at the label) after pgd_attack.
 template <Model M, class DT, class DX, class DY>
 double robust_accuracy(const M& model, const Eigen::MatrixBase<DT>& theta, const Eigen::MatrixBase<DX>& X,
-                       const Eigen::MatrixBase<DY>& y, const PGDAttackOptions<typename M::Scalar>& options) {
+                       const Eigen::MatrixBase<DY>& y, const PGDOptions<typename M::Scalar>& options) {
   using S = typename M::Scalar;
   RowMatrix<S> X_adv(X.rows(), X.cols()), Z(X.rows(), model.num_outputs());
   pgd_attack(model, theta, X, y, options, X_adv);
