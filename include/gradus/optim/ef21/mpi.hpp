@@ -135,9 +135,7 @@ struct MpiTransport {
     MPI_Allgather(header, 3, MPI_INT, headers.data(), 3, MPI_INT, comm);
     bool any_failed = false;
     for (int r = 0; r < size; ++r) any_failed = any_failed || headers[static_cast<std::size_t>(3 * r)] != 0;
-    if (any_failed) {
-      agree(error ? error : std::make_exception_ptr(std::runtime_error("unknown failure")));
-    }
+    if (any_failed) agree(error);  // throws on every rank
     // 2. index streams, 3. values
     auto gather = [&](auto& sent, auto& received, int field, MPI_Datatype type) {
       out.counts.resize(static_cast<std::size_t>(size));
