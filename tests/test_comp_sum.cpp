@@ -243,25 +243,29 @@ TEMPLATE_TEST_CASE("extreme and all-equal logits", "[comp_sum]", float, double) 
   }
 }
 
-TEST_CASE("logits may be expressions, column-major or the gradient buffer itself", "[comp_sum]") {
-  for (Index c : {6, 30}) {
-    const auto h = random_logits<double>(20, c, 1.0, 9);
-    const auto y = random_labels(20, c, 10);
-    const CompSumLoss<double> loss({.tau = 0.5});
-    RowMatrix<double> g(20, c), g2(20, c);
-    const double v = loss.value_and_grad(h, y, g);
-    const double v_expr = loss.value_and_grad(2 * h / 2, y, g2);
+TEMPLATE_TEST_CASE("logits may be expressions, column-major or the gradient buffer itself", "[comp_sum]", float,
+                   double) {
+  using S = TestType;
+  // 70 rows: whole blocks of the small-class path (packet transposes) and a partial one.
+  for (Index c : {3, 6, 30}) {
+    const Index n = 70;
+    const auto h = random_logits<S>(n, c, 1.0, 9);
+    const auto y = random_labels(n, c, 10);
+    const CompSumLoss<S> loss({.tau = S(0.5)});
+    RowMatrix<S> g(n, c), g2(n, c);
+    const S v = loss.value_and_grad(h, y, g);
+    const S v_expr = loss.value_and_grad(2 * h / 2, y, g2);
     CHECK(v_expr == Approx(v).epsilon(1e-15));
     CHECK(g2.isApprox(g, 1e-15));
-    const Eigen::MatrixXd col_major = h;
+    const Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic> col_major = h;
     CHECK(loss.value(col_major, y) == Approx(v).epsilon(1e-15));
-    RowMatrix<double> in_place = h;
+    RowMatrix<S> in_place = h;
     CHECK(loss.value_and_grad(in_place, y, in_place) == Approx(v).epsilon(1e-15));
     CHECK(in_place.isApprox(g, 1e-15));
     // A block of a wider matrix: rows with a stride.
-    RowMatrix<double> wide = RowMatrix<double>::Zero(20, c + 5);
+    RowMatrix<S> wide = RowMatrix<S>::Zero(n, c + 5);
     wide.leftCols(c) = h;
-    RowMatrix<double> g_wide = RowMatrix<double>::Constant(20, c + 5, 7);
+    RowMatrix<S> g_wide = RowMatrix<S>::Constant(n, c + 5, 7);
     CHECK(loss.value_and_grad(wide.leftCols(c), y, g_wide.leftCols(c)) == Approx(v).epsilon(1e-15));
     CHECK(g_wide.leftCols(c).isApprox(g, 1e-15));
     CHECK((g_wide.rightCols(5).array() == 7).all());

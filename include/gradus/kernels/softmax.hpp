@@ -78,8 +78,6 @@ CompSumTerms<A> comp_sum_terms(const CompSumJob<S>& job, const A& lp, const A& l
   terms.c = active * spread;
   if (job.smoothing > 0) terms.value += terms.c * (job.class_weight_sum * log_s - dot);
   terms.a = terms.b + terms.c * job.class_weight_sum;
-  // Ignored rows contribute nothing, even when their logits are not finite.
-  terms.value = (active > 0).select(terms.value, A::Zero());
   return terms;
 }
 
@@ -140,25 +138,68 @@ S comp_sum_row(const CompSumJob<S>& job, Index i) {
   return terms.value(0);
 }
 
-// Rows of few classes are processed kLanes at a time (one SIMD register of samples).
+// Rows of few classes are processed kLanes at a time (two SIMD registers of samples).
 template <class S>
 inline constexpr int kLanes = 2 * Eigen::internal::packet_traits<S>::size;
 
-// Transposes the logits of `count` <= kLanes rows into t[c * kLanes + l] = x[l * ld + c],
-// padding missing rows with 0, and back: g[l * ld + c] = t[c * kLanes + l] for l < count.
+// The transposes between rows and lanes, t[c * kLanes + l] = x[l * ld + c], for a block of
+// `count` <= kLanes rows (missing rows padded with 0) and back for the gradient. Full blocks
+// with room after them use Eigen's in-register packet transpose, reading whole packets past
+// the end of short rows (still inside the matrix); stores past a row's end are allowed only
+// into the rows of the block written after it, so in-place use (g == x) and strided blocks
+// stay exact. Other blocks, and ends of rows, go element by element.
 template <class S>
-void gather_columns(const S* x, Index ld, Index n, Index count, S* t) {
-  for (Index l = 0; l < count; ++l)
-    for (Index c = 0; c < n; ++c) t[c * kLanes<S> + l] = x[l * ld + c];
-  for (Index l = count; l < kLanes<S>; ++l)
-    for (Index c = 0; c < n; ++c) t[c * kLanes<S> + l] = 0;
-}
+struct BlockTranspose {
+  using Packet = typename Eigen::internal::packet_traits<S>::type;
+  static constexpr int P = Eigen::internal::unpacket_traits<Packet>::size;
+  static constexpr int L = kLanes<S>;
 
-template <class S>
-void scatter_columns(const S* t, Index n, Index count, S* g, Index ld) {
-  for (Index l = 0; l < count; ++l)
-    for (Index c = 0; c < n; ++c) g[l * ld + c] = t[c * kLanes<S> + l];
-}
+  static Index padded(Index n) { return (n + P - 1) / P * P; }
+
+  // rows x n matrix with row stride ld: can the block at `first` be read by whole packets?
+  static bool can_load(Index first, Index rows, Index n, Index ld) {
+    return first + L <= rows && (first + L - 1) * ld + padded(n) <= (rows - 1) * ld + n;
+  }
+
+  static void load(const S* x, Index ld, Index n, Index count, bool packets, S* t) {
+    if (packets && count == L) {
+      for (int h = 0; h < L; h += P) {
+        for (Index c0 = 0; c0 < n; c0 += P) {
+          Eigen::internal::PacketBlock<Packet, P> block;
+          for (int l = 0; l < P; ++l) block.packet[l] = Eigen::internal::ploadu<Packet>(x + (h + l) * ld + c0);
+          Eigen::internal::ptranspose(block);
+          for (Index c = c0; c < std::min<Index>(c0 + P, n); ++c) Eigen::internal::pstore(t + c * L + h, block.packet[c - c0]);
+        }
+      }
+      return;
+    }
+    for (Index l = 0; l < L; ++l)
+      for (Index c = 0; c < n; ++c) t[c * L + l] = l < count ? x[l * ld + c] : S(0);
+  }
+
+  static void store(const S* t, Index n, Index count, S* g, Index ld) {
+    alignas(64) S rows[L * kSmallClasses];  // rows[l * padded(n) + c]
+    const Index width = padded(n);
+    for (int h = 0; h < L; h += P) {
+      for (Index c0 = 0; c0 < n; c0 += P) {
+        Eigen::internal::PacketBlock<Packet, P> block;
+        for (int c = 0; c < P; ++c) block.packet[c] = Eigen::internal::pload<Packet>(t + std::min<Index>(c0 + c, n - 1) * L + h);
+        Eigen::internal::ptranspose(block);
+        for (int l = 0; l < P; ++l) Eigen::internal::pstore(rows + (h + l) * width + c0, block.packet[l]);
+      }
+    }
+    const Index end = (count - 1) * ld + n;  // one past the block's last element
+    for (Index l = 0; l < count; ++l) {
+      for (Index c0 = 0; c0 < n; c0 += P) {
+        if (l * ld + c0 + P <= end && (ld == n || c0 + P <= n)) {
+          Eigen::internal::pstoreu(g + l * ld + c0, Eigen::internal::pload<Packet>(rows + l * width + c0));
+        } else {
+          for (Index c = c0; c < std::min<Index>(c0 + P, n); ++c) g[l * ld + c] = rows[l * width + c];
+        }
+      }
+    }
+  }
+};
 
 // Up to kLanes rows of few classes, vectorized across the rows; returns their (scaled) value sum.
 template <class S>
@@ -169,14 +210,20 @@ S comp_sum_block(const CompSumJob<S>& job, Index first, Index count) {
   const Index n = job.cols;
   auto v = [&](Index c) { return job.class_weight ? job.class_weight[c] : S(1); };
   alignas(64) S t[kSmallClasses * L];  // t[c * L + l]: class c of row first + l
-  gather_columns(job.logits + first * job.ld_logits, job.ld_logits, n, count, t);
-  Lanes v_y, active, column, h_y;  // padding lanes are inactive
+  using Transpose = BlockTranspose<S>;
+  Transpose::load(job.logits + first * job.ld_logits, job.ld_logits, n, count,
+                  Transpose::can_load(first, job.rows, n, job.ld_logits), t);
+  // Per-lane label bookkeeping in scalar code: Eigen 3.4 does not vectorize comparisons.
+  int column[L];
+  Lanes active, v_y, h_y;
+  bool all_active = true;
   for (int l = 0; l < L; ++l) {
     const int y = l < count ? job.labels[first + l] : job.ignore_index;
     active(l) = y != job.ignore_index;
-    column(l) = active(l) > 0 ? S(y) : S(0);
-    v_y(l) = active(l) > 0 ? v(y) : S(0);
-    h_y(l) = t[Index(column(l)) * L + l];
+    all_active = all_active && active(l) > 0;
+    column[l] = active(l) > 0 ? y : 0;
+    v_y(l) = active(l) > 0 ? v(column[l]) : S(0);
+    h_y(l) = t[column[l] * L + l];
   }
   Lanes m = LaneMap(t);
   for (Index c = 1; c < n; ++c) m = m.max(LaneMap(t + c * L));
@@ -191,16 +238,23 @@ S comp_sum_block(const CompSumJob<S>& job, Index first, Index count) {
     s += e;
   }
   const Lanes log_s = s.log();
-  const auto terms = comp_sum_terms(job, Lanes(h_y - m - log_s), log_s, dot, v_y, active);
+  auto terms = comp_sum_terms(job, Lanes(h_y - m - log_s), log_s, dot, v_y, active);
   if (job.grad != nullptr) {
     const Lanes a_over_s = terms.a / s;
     for (Index c = 0; c < n; ++c) {
       LaneMap g(t + c * L);
-      g = g * a_over_s - v(c) * terms.c - (column == S(c)).select(terms.b, Lanes::Zero());
-      g = (active > 0).select(g, Lanes::Zero());  // ignored rows: zero, even for non-finite logits
+      g = g * a_over_s - v(c) * terms.c;
     }
-    scatter_columns(t, n, count, job.grad + first * job.ld_grad, job.ld_grad);
+    for (int l = 0; l < L; ++l) t[column[l] * L + l] -= terms.b(l);
   }
+  if (!all_active) {  // ignored rows: nothing, even from non-finite logits
+    for (int l = 0; l < L; ++l) {
+      if (active(l) > 0) continue;
+      terms.value(l) = 0;
+      for (Index c = 0; c < n; ++c) t[c * L + l] = 0;
+    }
+  }
+  if (job.grad != nullptr) Transpose::store(t, n, count, job.grad + first * job.ld_grad, job.ld_grad);
   if (job.per_sample != nullptr) {
     Eigen::Map<Eigen::Array<S, Eigen::Dynamic, 1>>(job.per_sample + first, count) = terms.value.head(count);
   }
