@@ -44,6 +44,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <numeric>
 #include <vector>
 
@@ -194,9 +195,9 @@ class PreferenceLoss {
   }
 
  private:
-  // Pairs are processed in blocks that stay in L1, so each input is read and each output
+  // Pairs are processed in blocks that stay in cache, so each input is read and each output
   // written once, with no N-sized temporaries (except the sort of the Aot kinds).
-  static constexpr Index kBlock = 256;
+  static constexpr Index kBlock = 1024;
   using Block = Eigen::Array<S, Eigen::Dynamic, 1, Eigen::ColMajor, kBlock, 1>;
 
   // Where run() writes; null pointers are skipped.
@@ -250,16 +251,24 @@ class PreferenceLoss {
     detail::require_size(function, argument, x.size(), n, "entries (size of policy_chosen)");
   }
 
-  // softplus and sigma written so that no exp overflows: sp(x) = max(x, 0) + log1p(e^-|x|).
-  template <class D>
-  static auto softplus(const Eigen::ArrayBase<D>& x) {
-    return x.max(S(0)) + (-x.abs()).exp().log1p();
+  // sp(x) = log(1 + e^x) and sigma(x) = 1/(1 + e^-x) from one exp, finite for every x:
+  // w = e^x with x clamped to where it is finite, e^-|x| = min(w, 1/w), and log1p(y) as
+  // log(1 + y) plus what rounding 1 + y lost (Eigen 3.4 has no vectorized log1p for double),
+  // that is (y - (u - 1)) / u with u = 1 + y, where 1/u = sigma(|x|) = max(sigma, 1 - sigma).
+  static void softplus(const Block& x, Block& value, Block& sigmoid) {
+    static const S limit = std::floor(std::log(std::numeric_limits<S>::max()));
+    const Block w = x.max(-limit).min(limit).exp();
+    sigmoid = w / (1 + w);
+    const Block small = w.min(w.inverse());
+    const Block u = 1 + small;
+    value = x.max(S(0)) + u.log() + (small - (u - 1)) * sigmoid.max(1 - sigmoid);
   }
 
   // Per-pair losses of a block and their partial derivatives in a and b.
   void pair_losses(const Block& a, const Block& b, Block& loss, Block& da, Block& db) const {
     const S beta = options_.beta, eps = options_.epsilon;
-    Block t = beta * (a - b);
+    const Block t = beta * (a - b);
+    Block sp, sigma, sp2, sigma2, sp3, sigma3;  // softplus and sigmoid of the kind's arguments
     switch (options_.kind) {
       case PreferenceKind::Sigmoid:
       case PreferenceKind::Robust:
@@ -270,8 +279,9 @@ class PreferenceLoss {
         const S c = options_.kind == PreferenceKind::Sigmoid  ? S(0)
                     : options_.kind == PreferenceKind::Robust ? -eps / (1 - 2 * eps)
                                                               : eps;
-        loss = softplus(-t) + c * t;
-        da = beta * (c - (-t).logistic());
+        softplus(-t, sp, sigma);
+        loss = sp + c * t;
+        da = beta * (c - sigma);
         db = -da;
         break;
       }
@@ -289,24 +299,28 @@ class PreferenceLoss {
         break;
       case PreferenceKind::ExoPair: {
         // KL(Bernoulli(q) || Bernoulli(1 - eps)) with log q = -sp(-t), log(1 - q) = -sp(t).
-        const Block q = t.logistic(), q_rejected = (-t).logistic();
-        loss = q * (-softplus(-t) - std::log1p(-eps)) + q_rejected * (-softplus(t) - std::log(eps));
-        da = beta * q * q_rejected * (t - (std::log1p(-eps) - std::log(eps)));
+        softplus(-t, sp, sigma);   // sp(-t) = -log q, sigma(-t) = 1 - q
+        softplus(t, sp2, sigma2);  // sp(t) = -log(1 - q), sigma(t) = q
+        loss = sigma2 * (-sp - std::log1p(-eps)) + sigma * (-sp2 - std::log(eps));
+        da = beta * sigma2 * sigma * (t - (std::log1p(-eps) - std::log(eps)));
         db = -da;
         break;
       }
       case PreferenceKind::NcaPair: {
-        const Block ta = beta * a, tb = beta * b;
-        loss = softplus(-ta) + S(0.5) * softplus(ta) + S(0.5) * softplus(tb);
-        da = beta * (S(0.5) * ta.logistic() - (-ta).logistic());
-        db = S(0.5) * beta * tb.logistic();
+        softplus(-beta * a, sp, sigma);
+        softplus(beta * a, sp2, sigma2);
+        softplus(beta * b, sp3, sigma3);
+        loss = sp + S(0.5) * sp2 + S(0.5) * sp3;
+        da = beta * (S(0.5) * sigma2 - sigma);
+        db = S(0.5) * beta * sigma3;
         break;
       }
       case PreferenceKind::BcoPair: {
-        const Block ta = beta * a, tb = beta * b;
-        loss = softplus(-ta) + softplus(tb);
-        da = -beta * (-ta).logistic();
-        db = beta * tb.logistic();
+        softplus(-beta * a, sp, sigma);
+        softplus(beta * b, sp2, sigma2);
+        loss = sp + sp2;
+        da = -beta * sigma;
+        db = beta * sigma2;
         break;
       }
       case PreferenceKind::SppoHard: {
@@ -335,10 +349,11 @@ class PreferenceLoss {
         // m e^-t = exp(-t - sp(-t/tau)) stays finite where e^-t alone overflows.
         const S tau = options_.discopop_tau;
         const Block u = t / tau;
-        const Block m = u.logistic(), m_rejected = (-u).logistic();
-        const Block dpo = softplus(-t), me = (-t - softplus(-u)).exp();
-        loss = m_rejected * dpo + me;
-        da = beta * (-m_rejected * (-t).logistic() - me + (m_rejected * me - m * m_rejected * dpo) / tau);
+        softplus(-t, sp, sigma);     // the DPO loss and its weight
+        softplus(-u, sp2, sigma2);   // sigma2 = 1 - m
+        const Block m = u.logistic(), me = (-t - sp2).exp();
+        loss = sigma2 * sp + me;
+        da = beta * (-sigma2 * sigma - me + (sigma2 * me - m * sigma2 * sp) / tau);
         db = -da;
         break;
       }
