@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 #include <Eigen/Core>
 
@@ -81,24 +82,27 @@ CompSumTerms<A> comp_sum_terms(const CompSumJob<S>& job, const A& lp, const A& l
   return terms;
 }
 
-// sum_j exp(x_j - m), writing the terms to e when it is not null.
+// sum_j exp(x_j - m), writing the terms to e when it is not null. The last partial chunk is
+// padded with -inf (exp = 0) so that every exp is a vector one.
 template <class S>
 S sum_exp(const S* x, S* e, Index n, S m) {
   using Chunk = Eigen::Array<S, 2 * Eigen::internal::packet_traits<S>::size, 1>;
+  constexpr Index kChunk = Chunk::SizeAtCompileTime;
   Chunk acc = Chunk::Zero();
   Index j = 0;
-  for (; j + Chunk::SizeAtCompileTime <= n; j += Chunk::SizeAtCompileTime) {
+  for (; j + kChunk <= n; j += kChunk) {
     const Chunk ej = (Eigen::Map<const Chunk>(x + j) - m).exp();
     if (e != nullptr) Eigen::Map<Chunk>(e + j) = ej;
     acc += ej;
   }
-  S total = acc.sum();
-  for (; j < n; ++j) {
-    const S ej = std::exp(x[j] - m);
-    if (e != nullptr) e[j] = ej;
-    total += ej;
+  if (const Index rest = n - j; rest > 0) {
+    Chunk tail = Chunk::Constant(-std::numeric_limits<S>::infinity());
+    tail.head(rest) = Eigen::Map<const Eigen::Array<S, Eigen::Dynamic, 1>>(x + j, rest);
+    tail = (tail - m).exp();
+    if (e != nullptr) Eigen::Map<Eigen::Array<S, Eigen::Dynamic, 1>>(e + j, rest) = tail.head(rest);
+    acc += tail;
   }
-  return total;
+  return acc.sum();
 }
 
 // One row of many classes; returns its (scaled) value.
