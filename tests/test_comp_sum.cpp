@@ -329,3 +329,28 @@ TEST_CASE("non-finite logits propagate as NaN, except from ignored rows", "[comp
     CHECK(std::isfinite(CrossEntropyLoss<float>{}.value_and_grad(h, y, g)));
   }
 }
+
+#ifdef GRADUS_OPENMP
+#include <omp.h>
+
+TEST_CASE("OpenMP over rows is deterministic for a thread count and matches one thread", "[comp_sum]") {
+  for (Index c : {10, 300}) {
+    const Index n = c < detail::kSmallClasses ? 20000 : 400;
+    const auto h = random_logits<float>(n, c, 2.0, 5);
+    const auto y = random_labels(n, c, 6);
+    const CompSumLoss<float> loss({.tau = 1.7f});
+    RowMatrix<float> g1(n, c), g2(n, c), g_serial(n, c);
+    const int threads = omp_get_max_threads();
+    omp_set_num_threads(1);
+    const float serial = loss.value_and_grad(h, y, g_serial);
+    omp_set_num_threads(std::max(threads, 3));
+    const float first = loss.value_and_grad(h, y, g1);
+    const float second = loss.value_and_grad(h, y, g2);
+    omp_set_num_threads(threads);
+    CHECK(first == second);
+    CHECK(g1 == g2);
+    CHECK(g1 == g_serial);  // rows are independent: only the sum's order depends on threads
+    CHECK(first == Approx(serial).epsilon(1e-6));
+  }
+}
+#endif

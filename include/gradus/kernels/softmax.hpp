@@ -152,6 +152,12 @@ inline constexpr int kLanes = 2 * Eigen::internal::packet_traits<S>::size;
 // the end of short rows (still inside the matrix); stores past a row's end are allowed only
 // into the rows of the block written after it, so in-place use (g == x) and strided blocks
 // stay exact. Other blocks, and ends of rows, go element by element.
+// Packets are vector types whose alignment attributes GCC drops as template arguments, as
+// Eigen's own headers do (they silence the same warning).
+#if defined(__GNUC__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wignored-attributes"
+#endif
 template <class S>
 struct BlockTranspose {
   using Packet = typename Eigen::internal::packet_traits<S>::type;
@@ -204,6 +210,9 @@ struct BlockTranspose {
     }
   }
 };
+#if defined(__GNUC__)
+#pragma GCC diagnostic pop
+#endif
 
 // Up to kLanes rows of few classes, vectorized across the rows; returns their (scaled) value sum.
 template <class S>
