@@ -236,9 +236,9 @@ int main() {
   const bool beats_untrained = r1(main_rows[0]) > r1(untrained) && r1(main_rows[0]) > r1(raw);
   std::printf("\nPaper's claim (CUB-200 with a CNN; no number at this scale): MS with mining is the best pair loss.\n"
               "Here, at %d steps: MS with mining is %s of the three losses (R@1 %.1f%% vs %.1f%% without mining,\n"
-              "%.1f%% contrastive), and %s the untrained embedding (%.1f%%) or raw pixels (%.1f%%).\n",
+              "%.1f%% contrastive), and %s both the untrained embedding (%.1f%%) and raw pixels (%.1f%%).\n",
               checkpoints[main_checkpoint], best_loss ? "the best" : "NOT the best", 100 * r1(main_rows[0]),
-              100 * r1(main_rows[1]), 100 * r1(main_rows[2]), beats_untrained ? "beats both" : "does NOT beat",
+              100 * r1(main_rows[1]), 100 * r1(main_rows[2]), beats_untrained ? "beats" : "does NOT beat",
               100 * r1(untrained), 100 * r1(raw));
   if (!beats_untrained)
     std::printf("Training a 32-d linear map on five digit classes discards pixel directions the unseen digits need,\n"

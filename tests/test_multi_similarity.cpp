@@ -5,6 +5,7 @@
 #include <random>
 #include <vector>
 
+#include <gradus/core/concepts.hpp>
 #include <gradus/losses/multi_similarity.hpp>
 #include <gradus/testing/gradient_check.hpp>
 
@@ -375,6 +376,9 @@ TEST_CASE("a reference set of 100,000 rows runs in tiles", "[multi_similarity]")
   CHECK((dQ - dQ_dense).cwiseAbs().maxCoeff() <= 1e-5f * (1 + dQ_dense.cwiseAbs().maxCoeff()));
   CHECK((dR - dR_dense).cwiseAbs().maxCoeff() <= 1e-5f * (1 + dR_dense.cwiseAbs().maxCoeff()));
 }
+
+static_assert(gradus::Loss<MultiSimilarityLoss<float>, RowMatrix<float>, Labels>);
+static_assert(gradus::Loss<MultiSimilarityLoss<double>, RowMatrix<double>, Labels, RowMatrix<double>, Labels>);
 
 TEST_CASE("expressions are accepted as embeddings", "[multi_similarity]") {
   const auto X = random_matrix(10, 4, 5);

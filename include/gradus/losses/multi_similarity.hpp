@@ -428,7 +428,7 @@ class MultiSimilarityLoss {
   S beta() const { return S(options_.beta); }
   S base() const { return S(options_.base); }
 
-  // Mean of the anchor losses; with `gradient`, fills the tile's dL/dS rows (after all sums).
+  // Mean over all anchors of the anchor losses (skipped anchors count as 0).
   S finish(Index rows) const {
     S total = 0;
     for (const auto& state : anchors_)
@@ -436,6 +436,7 @@ class MultiSimilarityLoss {
     return total / S(rows);
   }
 
+  // dL/dS for every row of the current tile, once the sums are final.
   void tile_gradient(Index width) const {
     const S scale = S(1) / S(anchors_.size());
     for (Index i = 0; i < static_cast<Index>(anchors_.size()); ++i) {
@@ -500,8 +501,11 @@ class MultiSimilarityLoss {
       detail::require_size(function, "dreferences", dR->cols(), d, "columns");
     }
     const Eigen::Ref<const RowMatrix<S>> q(Q.derived()), r(R.derived());
-    const bool finite = detail::inverse_row_norms<S>(q, function, q_name, q_inverse_) &
-                        detail::inverse_row_norms<S>(r, function, "references", r_inverse_);
+    bool finite = detail::inverse_row_norms<S>(q, function, q_name, q_inverse_);
+    if (self)
+      r_inverse_ = q_inverse_;
+    else
+      finite = detail::inverse_row_norms<S>(r, function, "references", r_inverse_) && finite;
     if (!finite) return fill(dQ, dR, std::numeric_limits<S>::quiet_NaN());
     q_hat_ = q_inverse_.asDiagonal() * q;
 
@@ -550,7 +554,8 @@ class MultiSimilarityLoss {
       }
       exponents_of = t;
     };
-    for (Index t = 0; t < tiles; ++t) exponents(t, true);
+    // Backwards, so that it starts on the tile pass 1 ended with (and pass 3 on pass 2's last).
+    for (Index t = tiles - 1; t >= 0; --t) exponents(t, true);
     const Index different_label = n * m - same_label - (self ? n : 0);
     if (same_label == 0 || different_label == 0) return fill(dQ, dR, S(0));
     const S loss = finish(n);
@@ -568,7 +573,8 @@ class MultiSimilarityLoss {
       const auto Sim = tile_.similarity.leftCols(w);
       gs_rows_ += (G.array() * Sim.array()).rowwise().sum().matrix();
       if (self && tiles == 1) {
-        // One tile over the whole batch: d(Xhat) = (G + G^T) Xhat in a single product.
+        // One tile over the whole batch: d(Xhat) = (G + G^T) Xhat in a single product
+        // (arg_positive is free scratch once G is formed).
         tile_.arg_positive = G + G.transpose();
         d_q_hat_.noalias() = tile_.arg_positive * q_hat_;
         gs_rows_ += (G.array() * Sim.array()).colwise().sum().matrix().transpose();
