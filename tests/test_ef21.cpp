@@ -101,6 +101,24 @@ TEMPLATE_TEST_CASE("TopK keeps the k largest magnitudes, ties to the lower index
   }
 }
 
+TEST_CASE("TopK on long vectors (sampled threshold) matches the full-sort oracle", "[ef21][compressors]") {
+  Rng rng;
+  SparseMessage<double> message;
+  for (Index d : {8192, 10000, 100003}) {
+    const Eigen::VectorXd v = (random_vector<double>(d, static_cast<std::uint64_t>(d)) * 3.0).array().round();
+    for (Index k : {Index(1), Index(37), d / 100, d / 3}) {
+      TopK{k}.compress(v, message, rng);
+      CHECK(message.indices == top_k_oracle(v, k));
+    }
+  }
+  // Large entries only where the threshold is sampled: fewer than k candidates pass it.
+  const Index d = 8192;
+  Eigen::VectorXd v = Eigen::VectorXd::Constant(d, 0.5);
+  for (Index i = 0; i < 1024; ++i) v(i * d / 1024) = static_cast<double>(i + 1);
+  TopK{2000}.compress(v, message, rng);
+  CHECK(message.indices == top_k_oracle(v, 2000));
+}
+
 TEST_CASE("TopK sends NaN as the largest entry and takes expressions", "[ef21][compressors]") {
   Rng rng;
   Eigen::VectorXd v(4);

@@ -138,8 +138,11 @@ struct SparseMessage {
   }
 };
 
-// Top-k by magnitude, O(d): nth_element finds the k-th largest |v_j| on a copy of the magnitudes,
-// then one pass keeps everything above it and the lowest-index entries equal to it.
+// Top-k by magnitude, O(d), deterministic. A strided sample of 1024 magnitudes gives a low
+// threshold that about 2k + 64 entries pass; one pass over v collects those candidates (in index
+// order), nth_element among them finds the exact k-th largest |v_j|, and a pass over the candidates
+// keeps everything above it and the lowest-index entries equal to it. If fewer than k entries pass
+// the sampled threshold, every entry is a candidate: the result is the same, only slower.
 // NaN counts as the largest magnitude, so it is sent and propagates.
 struct TopK {
   Index k = 1;
@@ -158,24 +161,56 @@ struct TopK {
     using S = typename D::Scalar;
     const Index d = v.size();
     validate(d);
-    auto magnitude = [](S value) { return value != value ? std::numeric_limits<S>::infinity() : std::abs(value); };
-    // The values buffer doubles as selection scratch: it is overwritten only after the threshold is known.
+    auto magnitude = [&](Index j) {
+      const S value = v(j);
+      return value != value ? std::numeric_limits<S>::infinity() : std::abs(value);
+    };
+    // out.values serves as scratch for magnitudes until the selection is known.
+    auto kth_largest = [&](Index rank) {
+      std::nth_element(out.values.begin(), out.values.begin() + rank, out.values.end(), std::greater<S>());
+      return out.values[static_cast<std::size_t>(rank)];
+    };
+    auto collect = [&](S low) {  // branch-free compaction through a small stack buffer
+      out.indices.clear();
+      constexpr Index chunk_size = 256;
+      std::int32_t chunk[chunk_size];
+      for (Index begin = 0; begin < d; begin += chunk_size) {
+        const Index end = std::min(d, begin + chunk_size);
+        Index count = 0;
+        for (Index j = begin; j < end; ++j) {
+          chunk[count] = static_cast<std::int32_t>(j);
+          count += magnitude(j) >= low;
+        }
+        out.indices.insert(out.indices.end(), chunk, chunk + count);
+      }
+    };
     out.dim = d;
-    out.values.resize(static_cast<std::size_t>(d));
-    for (Index j = 0; j < d; ++j) out.values[static_cast<std::size_t>(j)] = magnitude(v(j));
-    const auto kth = out.values.begin() + (k - 1);
-    std::nth_element(out.values.begin(), kth, out.values.end(), std::greater<S>());
-    const S threshold = *kth;
-    Index ties = k - std::count_if(out.values.begin(), kth, [&](S a) { return a > threshold; });
-    out.indices.clear();
-    out.values.clear();
-    for (Index j = 0; j < d; ++j) {
-      const S a = magnitude(v(j));
+    constexpr Index samples = 1024;
+    const Index sample_rank = (2 * k + 64) * samples / d;
+    S low = 0;  // every entry passes
+    if (d >= 8 * samples && sample_rank < samples) {
+      out.values.resize(samples);
+      for (Index i = 0; i < samples; ++i) out.values[static_cast<std::size_t>(i)] = magnitude(i * d / samples);
+      low = kth_largest(sample_rank);
+    }
+    collect(low);
+    if (static_cast<Index>(out.indices.size()) < k) collect(S(0));
+    out.values.resize(out.indices.size());
+    for (std::size_t c = 0; c < out.indices.size(); ++c) out.values[c] = magnitude(out.indices[c]);
+    const S threshold = kth_largest(k - 1);
+    Index ties = k - std::count_if(out.values.begin(), out.values.begin() + (k - 1), [&](S a) { return a > threshold; });
+    // Compact the candidates in place, in index order.
+    std::size_t kept = 0;
+    for (std::size_t c = 0; c < out.indices.size(); ++c) {
+      const Index j = out.indices[c];
+      const S a = magnitude(j);
       if (a > threshold || (a == threshold && ties-- > 0)) {
-        out.indices.push_back(static_cast<std::int32_t>(j));
-        out.values.push_back(v(j));
+        out.indices[kept] = static_cast<std::int32_t>(j);
+        out.values[kept++] = v(j);
       }
     }
+    out.indices.resize(kept);
+    out.values.resize(kept);
   }
 };
 

@@ -133,10 +133,11 @@ class EF21 {
     for (std::size_t i = 0; i < clients.size(); ++i) {
       const Index id = first_ + static_cast<Index>(i);
       clients_.push_back({std::move(clients[i]), scales_[static_cast<std::size_t>(id)], Vector<S>::Zero(d),
-                          Vector<S>::Zero(d), Vector<S>::Zero(d), {}, Rng::stream(options_.seed, static_cast<std::uint64_t>(id)), {}});
+                          Vector<S>::Zero(options_.monitor ? d : 0), {},
+                          Rng::stream(options_.seed, static_cast<std::uint64_t>(id)), {}});
     }
     g_ = Vector<S>::Zero(d);
-    initial_ = communicate([this](Client& client) { initialize(client); });
+    initial_ = communicate([this](Client& client, Vector<S>& target) { initialize(client, target); });
     v_ = g_;
   }
 
@@ -144,7 +145,7 @@ class EF21 {
   RoundInfo step() {
     x_ -= static_cast<S>(options_.gamma) * (options_.momentum > 0 ? v_ : g_);
     ++round_;
-    const RoundInfo info = communicate([this](Client& client) { update(client); });
+    const RoundInfo info = communicate([this](Client& client, Vector<S>& target) { update(client, target); });
     if (options_.momentum > 0) v_ = static_cast<S>(options_.momentum) * v_ + g_;
     return info;
   }
@@ -206,8 +207,7 @@ class EF21 {
     F objective;
     S scale;              // 1 / (n w_i): 1 for EF21
     Vector<S> g;          // g_i
-    Vector<S> gradient;   // grad f_i(x), full
-    Vector<S> target;     // what gets compressed
+    Vector<S> gradient;   // grad f_i(x), full, kept for monitoring
     SparseMessage<S> message;
     Rng rng;
     std::vector<Index> batch;
@@ -263,17 +263,19 @@ class EF21 {
     }
   }
 
-  void initialize(Client& client) {
-    client.objective.value_and_grad(x_, client.gradient);
+  // target: scratch of the worker thread (cache-warm from client to client).
+  void initialize(Client& client, Vector<S>& target) {
+    Vector<S>& gradient = options_.monitor ? client.gradient : target;
+    client.objective.value_and_grad(x_, gradient);
     client.g.setZero();
     switch (options_.init) {
       case Init::FullGradient:
-        client.g = client.scale * client.gradient;
+        client.g = client.scale * gradient;
         Identity{}.compress(client.g, client.message, client.rng);
         return;
       case Init::Compressed:
-        client.target = client.scale * client.gradient;
-        compressor_.compress(client.target, client.message, client.rng);
+        target = client.scale * gradient;
+        compressor_.compress(target, client.message, client.rng);
         client.message.add_to(client.g, S(1));
         return;
       case Init::Zero:
@@ -282,26 +284,27 @@ class EF21 {
     }
   }
 
-  void update(Client& client) {
+  void update(Client& client, Vector<S>& target) {
     const bool takes_part = options_.participation >= 1 || client.rng.uniform() < options_.participation;
-    const bool stochastic = options_.batch_size > 0;
-    if (options_.monitor || (takes_part && !stochastic)) client.objective.value_and_grad(x_, client.gradient);
+    if (options_.monitor) client.objective.value_and_grad(x_, client.gradient);
     if (!takes_part) {
       client.message.clear(x_.size());
       return;
     }
-    if (stochastic) {
+    if (options_.batch_size > 0) {
       if constexpr (MinibatchObjective<F>) {
         client.batch.clear();
         detail::sample_without_replacement(client.objective.num_samples(), options_.batch_size, client.rng,
                                            [&](Index row) { client.batch.push_back(row); });
-        client.objective.value_and_grad(x_, std::span<const Index>(client.batch), client.target);
-        client.target = client.scale * client.target - client.g;
+        client.objective.value_and_grad(x_, std::span<const Index>(client.batch), target);
       }
+    } else if (options_.monitor) {
+      target = client.gradient;
     } else {
-      client.target = client.scale * client.gradient - client.g;
+      client.objective.value_and_grad(x_, target);
     }
-    compressor_.compress(client.target, client.message, client.rng);
+    target = client.scale * target - client.g;
+    compressor_.compress(target, client.message, client.rng);
     client.message.add_to(client.g, S(1));
   }
 
@@ -310,22 +313,23 @@ class EF21 {
   template <class Work>
   RoundInfo communicate(Work work) {
     errors_.assign(clients_.size(), nullptr);
-    auto run = [&](std::size_t begin, std::size_t end) {
+    const std::size_t threads = std::min<std::size_t>(static_cast<std::size_t>(options_.threads), clients_.size());
+    scratch_.resize(std::max<std::size_t>(threads, 1), Vector<S>(x_.size()));
+    auto run = [&](std::size_t worker, std::size_t begin, std::size_t end) {
       for (std::size_t i = begin; i < end; ++i) {
         try {
-          work(clients_[i]);
+          work(clients_[i], scratch_[worker]);
         } catch (...) {
           errors_[i] = std::current_exception();
         }
       }
     };
-    const std::size_t threads = std::min<std::size_t>(static_cast<std::size_t>(options_.threads), clients_.size());
     if (threads <= 1) {
-      run(0, clients_.size());
+      run(0, 0, clients_.size());
     } else {
       std::vector<std::thread> pool;
       for (std::size_t t = 0; t < threads; ++t) {
-        pool.emplace_back(run, clients_.size() * t / threads, clients_.size() * (t + 1) / threads);
+        pool.emplace_back(run, t, clients_.size() * t / threads, clients_.size() * (t + 1) / threads);
       }
       for (auto& thread : pool) thread.join();
     }
@@ -366,6 +370,7 @@ class EF21 {
   std::vector<S> weights_, scales_;
   std::vector<Client> clients_;
   std::vector<std::exception_ptr> errors_;
+  std::vector<Vector<S>> scratch_;  // one target vector per worker thread
   Exchange<S> exchange_;
   RoundInfo initial_;
 };
