@@ -123,33 +123,37 @@ void projected_gradient_ascent(const M& model, const Eigen::MatrixBase<DT>& thet
   Z_adv.resize(X.rows(), model.num_outputs());
   dZ.resize(X.rows(), model.num_outputs());
   dX.resize(X.rows(), X.cols());
+  const bool linf = options.norm == PerturbationNorm::Linf;
   auto project = [&] {
-    for (Index i = 0; i < X.rows(); ++i) {
-      auto delta = X_adv.row(i) - X.row(i);
-      if (options.norm == PerturbationNorm::Linf) {
-        X_adv.row(i) = X.row(i) + delta.cwiseMax(-gamma).cwiseMin(gamma);
-      } else if (const S length = delta.norm(); length > gamma) {
-        X_adv.row(i) = X.row(i) + (gamma / length) * delta;
+    if (linf) {
+      X_adv.array() = X_adv.array().max(X.array() - gamma).min(X.array() + gamma);
+    } else {
+      for (Index i = 0; i < X.rows(); ++i) {
+        if (const S length = (X_adv.row(i) - X.row(i)).norm(); length > gamma) {
+          X_adv.row(i) = X.row(i) + (gamma / length) * (X_adv.row(i) - X.row(i));
+        }
       }
     }
     X_adv = X_adv.cwiseMax(options.lower).cwiseMin(options.upper);
   };
-  detail::SplitMix64 rng(options.seed);
-  for (Index k = 0; k < X_adv.size(); ++k) {
-    X_adv.data()[k] = static_cast<S>(start_radius * S(2 * rng.uniform() - 1));
+  X_adv = X;
+  if (start_radius > S(0)) {
+    detail::SplitMix64 rng(options.seed);
+    for (Index k = 0; k < X_adv.size(); ++k) X_adv.data()[k] += start_radius * static_cast<S>(2 * rng.uniform() - 1);
   }
-  X_adv += X;
   project();
   if (gamma == S(0)) return;
   for (int t = 0; t < options.steps; ++t) {
     model.predict(theta.derived(), X_adv, Z_adv);
     output_grad(std::as_const(Z_adv), dZ);
     model.vjp_inputs(theta.derived(), X_adv, dZ, dX);
-    for (Index i = 0; i < X.rows(); ++i) {
-      if (options.norm == PerturbationNorm::Linf) {
-        X_adv.row(i) += step * dX.row(i).array().sign().matrix();
-      } else if (const S length = dX.row(i).norm(); length > 0) {
-        X_adv.row(i) += (step / length) * dX.row(i);
+    if (linf) {  // x' += step sign(g), as a loop the compiler vectorizes (Eigen's sign() is scalar)
+      S* x = X_adv.data();
+      const S* g = dX.data();
+      for (Index k = 0; k < X_adv.size(); ++k) x[k] += step * (S(g[k] > 0) - S(g[k] < 0));
+    } else {
+      for (Index i = 0; i < X.rows(); ++i) {
+        if (const S length = dX.row(i).norm(); length > 0) X_adv.row(i) += (step / length) * dX.row(i);
       }
     }
     project();
@@ -172,19 +176,23 @@ void checked_ascent(const char* function, const M& model, const Eigen::MatrixBas
   X_adv = ascended;
 }
 
-// The smooth term of one sample from d = h(x') - h(x): returns ||u|| with u = d - d_y, and
-// writes its gradient with respect to h(x') into grad: (u - e_y sum_k u_k) / ||u||, 0 at u = 0.
-template <class RD, class RG>
-auto margin_change(const RD& d, int y, RG&& grad) {
-  grad = d.array() - d(y);
-  const auto length = grad.norm();
-  if (length > 0) {
-    const auto total = grad.sum();
-    grad /= length;
-    grad(y) -= total / length;
-  } else {
-    grad.setZero();
+// The smooth term of one sample from its C outputs at x' and at x: with d = adv - clean and
+// u = d - d_y, returns ||u|| and writes its gradient with respect to adv into grad:
+// (u - e_y sum_k u_k) / ||u||, and 0 at u = 0. Plain loops: C is small (the classes).
+template <class S>
+S margin_change(const S* adv, const S* clean, Index C, int y, S* grad) {
+  const S shift = adv[y] - clean[y];
+  S squares = 0, total = 0;
+  for (Index k = 0; k < C; ++k) {
+    const S u = adv[k] - clean[k] - shift;
+    grad[k] = u;
+    squares += u * u;
+    total += u;
   }
+  const S length = std::sqrt(squares);
+  const S inverse = length > 0 ? S(1) / length : S(0);
+  for (Index k = 0; k < C; ++k) grad[k] *= inverse;
+  grad[y] -= total * inverse;
   return length;
 }
 
@@ -256,7 +264,7 @@ class SmoothAdversarialLoss {
     detail::require_size(function, "per_sample", per_sample.size(), X.rows(), "entries (rows of X)");
     comp_sum_.values(scaled_, y, per_sample);
     for (Index i = 0; i < X.rows(); ++i) {
-      per_sample(i) += options_.nu * detail::margin_change(Z_adv_.row(i) - Z_.row(i), y(i), dA_.row(i));
+      per_sample(i) += options_.nu * margin_change_row(i, y(i), Z_adv_, dA_);
     }
   }
 
@@ -274,7 +282,7 @@ class SmoothAdversarialLoss {
     dZ_ /= options_.rho;
     const S weight = options_.nu / (options_.reduction == Reduction::Mean ? S(X.rows()) : S(1));
     for (Index i = 0; i < X.rows(); ++i) {
-      total += weight * detail::margin_change(Z_adv_.row(i) - Z_.row(i), y(i), dA_.row(i));
+      total += weight * margin_change_row(i, y(i), Z_adv_, dA_);
     }
     dA_ *= weight;
     dZ_ -= dA_;
@@ -302,10 +310,15 @@ class SmoothAdversarialLoss {
                                      .seed = options_.seed};
     const S start_radius = options_.gamma * (options_.random_start ? S(1) : S(1e-3));
     auto smooth_term_grad = [&](const RowMatrix<S>& Z_adv, RowMatrix<S>& dZ) {
-      for (Index i = 0; i < Z_adv.rows(); ++i) detail::margin_change(Z_adv.row(i) - Z_.row(i), y(i), dZ.row(i));
+      for (Index i = 0; i < Z_adv.rows(); ++i) margin_change_row(i, y(i), Z_adv, dZ);
     };
     detail::projected_gradient_ascent(model, theta, X, ascent, start_radius, smooth_term_grad, X_adv_, Z_adv_, dA_,
                                       dX_);
+  }
+
+  // The smooth term of row i of Z_adv against Z_, its gradient into row i of grad.
+  S margin_change_row(Index i, int label, const RowMatrix<S>& Z_adv, RowMatrix<S>& grad) const {
+    return detail::margin_change(Z_adv.row(i).data(), Z_.row(i).data(), Z_.cols(), label, grad.row(i).data());
   }
 
   // Validates and fills Z_ = h(X), Z_adv_ = h(X_adv), scaled_ = Z_ / rho, and sizes dA_.
