@@ -31,6 +31,7 @@
 #include <limits>
 #include <span>
 #include <thread>
+#include <tuple>
 #include <utility>
 #include <vector>
 
