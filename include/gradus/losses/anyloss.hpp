@@ -166,15 +166,103 @@ void binary_block(const S* z, const int* y, Index n, S L, bool logits, SoftCount
   }
 }
 
-// Max-shifted row softmax, one exp per element.
+// The batch side of AnyLoss, independent of the metric (so it is compiled once per scalar):
+// pass 1 builds the soft confusion matrices and stores da/dz in dZ; pass 2, given the
+// metric's slopes, turns that into dloss/dz. Holds scratch reused across calls.
 template <class S>
-void softmax_rows(const Eigen::Ref<const RowMatrix<S>>& Z, RowMatrix<S>& P) {
-  P.resize(Z.rows(), Z.cols());  // no-op after the first call at a given shape
-  for (Index i = 0; i < Z.rows(); ++i) {
-    P.row(i) = (Z.row(i).array() - Z.row(i).maxCoeff()).exp();
-    P.row(i) /= P.row(i).sum();
+class SoftConfusion {
+ public:
+  // Binary: Z is N x 1, logits or probabilities.
+  SoftCounts binary_counts(const Eigen::Ref<const RowMatrix<S>>& Z, const Eigen::Ref<const Labels>& labels, S L,
+                           bool logits, Eigen::Ref<RowMatrix<S>>* dZ) {
+    const Index n = Z.rows();
+    // The kernel runs over contiguous columns; an N x 1 block of a wider matrix goes through a copy.
+    const bool strided_z = n > 1 && Z.outerStride() != 1;
+    strided_grad_ = dZ && n > 1 && dZ->outerStride() != 1;
+    if (strided_z) column_ = Z.col(0);
+    if (strided_grad_) grad_column_.resize(n);
+    const S* z = strided_z ? column_.data() : Z.data();
+    S* weight = !dZ ? nullptr : strided_grad_ ? grad_column_.data() : dZ->data();
+    SoftCounts counts;
+    for (Index start = 0; start < n; start += kAnyLossBlock) {
+      const Index size = std::min<Index>(kAnyLossBlock, n - start);
+      binary_block(z + start, labels.data() + start, size, L, logits, counts, weight ? weight + start : nullptr);
+    }
+    counts.negatives = n - counts.positives;
+    return counts;
   }
-}
+
+  // dz_i = slope(y_i) * da_i/dz_i, the latter stored by binary_counts.
+  void binary_grad(const Eigen::Ref<const Labels>& labels, S positive, S negative, Eigen::Ref<RowMatrix<S>>& dZ) {
+    S* weight = strided_grad_ ? grad_column_.data() : dZ.data();
+    Eigen::Map<Eigen::Array<S, Eigen::Dynamic, 1>>(weight, labels.size()) *=
+        negative + (positive - negative) * labels.array().template cast<S>();
+    if (strided_grad_) dZ.col(0) = grad_column_;
+  }
+
+  // Multi-class: per class c the counts TP, FN, FP, TN of the one-vs-rest problem. Each row
+  // adds a to FP and 1 - a to TN except at its label, which goes to TP and FN (zeroed
+  // before the add, so nothing cancels). dZ receives da_ic/dp_ic = L a (1 - a).
+  void multiclass_counts(const Eigen::Ref<const RowMatrix<S>>& Z, const Eigen::Ref<const Labels>& labels, S L,
+                         bool logits, Eigen::Ref<RowMatrix<S>>* dZ) {
+    const Index n = Z.rows(), classes = Z.cols();
+    if (logits) softmax_rows(Z);
+    const auto& P = logits ? Eigen::Ref<const RowMatrix<S>>(probabilities_) : Z;
+    counts_.setZero(classes, 4);
+    positives_.setZero(classes);
+    Eigen::Array<S, 1, Eigen::Dynamic> a(classes), not_a(classes);
+    for (Index i = 0; i < n; ++i) {
+      const int y = labels(i);
+      amplify(P.row(i).array(), L, a, not_a);
+      if (dZ) dZ->row(i).array() = L * a * not_a;
+      counts_(y, 0) += static_cast<double>(a(y));
+      counts_(y, 1) += static_cast<double>(not_a(y));
+      a(y) = not_a(y) = 0;
+      counts_.col(2) += a.transpose().template cast<double>();
+      counts_.col(3) += not_a.transpose().template cast<double>();
+      ++positives_(y);
+    }
+  }
+
+  SoftCounts class_counts(Index c) const {
+    const Index n = positives_.sum();
+    return {counts_(c, 0), counts_(c, 1), counts_(c, 2), counts_(c, 3), positives_(c), n - positives_(c)};
+  }
+
+  // slopes: C x 2, dloss/da for the class's positives and negatives; with logits, back
+  // through the softmax: dz = p * (g - <p, g>).
+  void multiclass_grad(const Eigen::Ref<const RowMatrix<S>>& Z, const Eigen::Ref<const Labels>& labels,
+                       const Eigen::Array<S, Eigen::Dynamic, 2>& slopes, bool logits, Eigen::Ref<RowMatrix<S>>& dZ) {
+    const auto& P = logits ? Eigen::Ref<const RowMatrix<S>>(probabilities_) : Z;
+    for (Index i = 0; i < Z.rows(); ++i) {
+      auto g = dZ.row(i).array();  // holds da_ic/dp_ic; becomes dloss/dp_ic = slope_c(y_i) da_ic/dp_ic
+      const int y = labels(i);
+      const S label_weight = g(y);
+      g *= slopes.col(1).transpose();
+      g(y) = label_weight * slopes(y, 0);
+      if (logits) {
+        const auto p = P.row(i).array();
+        g = p * (g - (p * g).sum());
+      }
+    }
+  }
+
+ private:
+  // Max-shifted row softmax, one exp per element.
+  void softmax_rows(const Eigen::Ref<const RowMatrix<S>>& Z) {
+    probabilities_.resize(Z.rows(), Z.cols());  // no-op after the first call at a given shape
+    for (Index i = 0; i < Z.rows(); ++i) {
+      probabilities_.row(i) = (Z.row(i).array() - Z.row(i).maxCoeff()).exp();
+      probabilities_.row(i) /= probabilities_.row(i).sum();
+    }
+  }
+
+  Vector<S> column_, grad_column_;
+  bool strided_grad_ = false;
+  RowMatrix<S> probabilities_;
+  Eigen::Array<double, Eigen::Dynamic, 4> counts_;
+  Eigen::Array<Index, Eigen::Dynamic, 1> positives_;
+};
 
 }  // namespace detail
 
@@ -252,94 +340,44 @@ class AnyLoss {
 
   S binary(std::string_view function, const Eigen::Ref<const RowMatrix<S>>& Z, const Eigen::Ref<const Labels>& labels,
            Eigen::Ref<RowMatrix<S>>* dZ) const {
-    const Index n = Z.rows();
-    // The kernel runs over contiguous columns; an N x 1 block of a wider matrix goes through a copy.
-    const bool strided_z = n > 1 && Z.outerStride() != 1, strided_grad = dZ && n > 1 && dZ->outerStride() != 1;
-    if (strided_z) column_ = Z.col(0);
-    if (strided_grad) grad_column_.resize(n);
-    const S* z = strided_z ? column_.data() : Z.data();
-    S* weight = !dZ ? nullptr : strided_grad ? grad_column_.data() : dZ->data();
-    detail::SoftCounts counts;
-    for (Index start = 0; start < n; start += detail::kAnyLossBlock) {
-      const Index size = std::min<Index>(detail::kAnyLossBlock, n - start);
-      detail::binary_block(z + start, labels.data() + start, size, options_.amplify, logits(), counts,
-                           weight ? weight + start : nullptr);
-    }
-    counts.negatives = n - counts.positives;
-    const detail::MetricSlopes slopes = detail::metric_slopes(metric_, counts, function, "");
-    if (dZ) {  // dz_i = slope(y_i) * da_i/dz_i, the latter stored by pass 1
-      const S negative = static_cast<S>(slopes.negative), step = static_cast<S>(slopes.positive - slopes.negative);
-      Eigen::Map<Eigen::Array<S, Eigen::Dynamic, 1>>(weight, n) *= negative + step * labels.array().template cast<S>();
-      if (strided_grad) dZ->col(0) = grad_column_;
-    }
+    const auto counts = batch_.binary_counts(Z, labels, options_.amplify, logits(), dZ);
+    const auto slopes = detail::metric_slopes(metric_, counts, function, "");
+    if (dZ) batch_.binary_grad(labels, static_cast<S>(slopes.positive), static_cast<S>(slopes.negative), *dZ);
     return static_cast<S>(1 - slopes.metric);
   }
 
   S multiclass(std::string_view function, const Eigen::Ref<const RowMatrix<S>>& Z,
                const Eigen::Ref<const Labels>& labels, Eigen::Ref<RowMatrix<S>>* dZ) const {
-    const Index n = Z.rows(), classes = Z.cols();
-    if (logits()) detail::softmax_rows<S>(Z, probabilities_);
-    const auto& P = logits() ? Eigen::Ref<const RowMatrix<S>>(probabilities_) : Z;
-    // Columns TP, FN, FP, TN per class; each row adds a to FP and 1 - a to TN except at its
-    // label, which goes to TP and FN (zeroed before the add, so nothing cancels).
-    counts_.setZero(classes, 4);
-    positives_.setZero(classes);
-    Eigen::Array<S, 1, Eigen::Dynamic> a(classes), not_a(classes);
-    for (Index i = 0; i < n; ++i) {
-      const int y = labels(i);
-      detail::amplify(P.row(i).array(), options_.amplify, a, not_a);
-      if (dZ) dZ->row(i).array() = options_.amplify * a * not_a;
-      counts_(y, 0) += static_cast<double>(a(y));
-      counts_(y, 1) += static_cast<double>(not_a(y));
-      a(y) = not_a(y) = 0;
-      counts_.col(2) += a.transpose().template cast<double>();
-      counts_.col(3) += not_a.transpose().template cast<double>();
-      ++positives_(y);
-    }
+    const Index classes = Z.cols();
+    batch_.multiclass_counts(Z, labels, options_.amplify, logits(), dZ);
     double metric_sum = 0;
     slopes_.resize(classes, 2);
-    for (Index c = 0; c < classes; ++c) {
-      const detail::SoftCounts k{counts_(c, 0), counts_(c, 1), counts_(c, 2), counts_(c, 3), positives_(c),
-                                 n - positives_(c)};
-      const auto s = detail::metric_slopes(metric_, k, function, "class " + detail::to_text(c) + ": ");
+    for (Index c = 0; c < classes; ++c) {  // macro average: each class weighs 1/C
+      const auto s = detail::metric_slopes(metric_, batch_.class_counts(c), function, "class " + detail::to_text(c) + ": ");
       metric_sum += s.metric;
       slopes_(c, 0) = static_cast<S>(s.positive / double(classes));
       slopes_(c, 1) = static_cast<S>(s.negative / double(classes));
     }
-    if (dZ) {
-      for (Index i = 0; i < n; ++i) {
-        auto g = dZ->row(i).array();  // holds da_ic/dp_ic; becomes dloss/dp_ic = slope_c(y_i) da_ic/dp_ic
-        const int y = labels(i);
-        const S label_weight = g(y);
-        g *= slopes_.col(1).transpose();
-        g(y) = label_weight * slopes_(y, 0);
-        if (logits()) {  // through the softmax: dz = p * (g - <p, g>)
-          const auto p = P.row(i).array();
-          g = p * (g - (p * g).sum());
-        }
-      }
-    }
+    if (dZ) batch_.multiclass_grad(Z, labels, slopes_, logits(), *dZ);
     return static_cast<S>(1 - metric_sum / double(classes));
   }
 
   static void require_probabilities(std::string_view function, std::string_view name,
                                     const Eigen::Ref<const RowMatrix<S>>& Z) {
-    for (Index i = 0; i < Z.size(); ++i) {
-      const S p = Z.data()[i];
-      if (p < 0 || p > 1) {
-        detail::throw_invalid_argument(function, name, "probabilities in [0, 1]",
-                                       detail::to_text(p) + " at index " + detail::to_text(i));
+    for (Index i = 0; i < Z.rows(); ++i) {
+      for (Index c = 0; c < Z.cols(); ++c) {
+        const S p = Z(i, c);
+        if (p < 0 || p > 1) {
+          detail::throw_invalid_argument(function, name, "probabilities in [0, 1]",
+                                         detail::to_text(p) + " at row " + detail::to_text(i));
+        }
       }
     }
   }
 
   MetricFn metric_;
   Options options_;
-  // Scratch reused across calls of the same shape: strided binary columns, multi-class state.
-  mutable Vector<S> column_, grad_column_;
-  mutable RowMatrix<S> probabilities_;
-  mutable Eigen::Array<double, Eigen::Dynamic, 4> counts_;
-  mutable Eigen::Array<Index, Eigen::Dynamic, 1> positives_;
+  mutable detail::SoftConfusion<S> batch_;  // scratch: one AnyLoss object serves one thread at a time
   mutable Eigen::Array<S, Eigen::Dynamic, 2> slopes_;
 };
 
