@@ -137,21 +137,45 @@ S row_dot(const S* x, const S* y, Index d) {
   return Eigen::Map<const Vector<S>>(x, d).dot(Eigen::Map<const Vector<S>>(y, d));
 }
 
-// R_j = sum_t <l_t, pi_t> - min_a sum_t l_{t,a} for each stacked sequence j.
+// R = sum_t <l_t, pi_t> - min_a sum_t l_{t,a} of one sequence (T x d); totals: d entries of scratch.
+template <class S>
+S sequence_regret(const Eigen::Ref<const RowMatrix<S>>& losses, const Eigen::Ref<const RowMatrix<S>>& policies,
+                  Vector<S>& totals) {
+  const Index d = losses.cols();
+  S learner = 0;
+  totals.setZero();
+  for (Index t = 0; t < losses.rows(); ++t) {
+    const S* l = losses.row(t).data();
+    learner += row_dot(l, policies.row(t).data(), d);
+    for (Index a = 0; a < d; ++a) totals[a] += l[a];
+  }
+  return learner - totals.minCoeff();
+}
+
+// The regrets R_j of k stacked sequences.
 template <class S>
 void sequence_regrets(const Eigen::Ref<const RowMatrix<S>>& losses, const Eigen::Ref<const RowMatrix<S>>& policies,
                       Index rounds, Eigen::Ref<Vector<S>> regrets) {
-  const Index d = losses.cols();
-  Vector<S> totals(d);
+  Vector<S> totals(losses.cols());
   for (Index j = 0; j < regrets.size(); ++j) {
-    S learner = 0;
-    totals.setZero();
-    for (Index r = j * rounds; r < (j + 1) * rounds; ++r) {
-      const S* l = losses.row(r).data();
-      learner += row_dot(l, policies.row(r).data(), d);
-      for (Index a = 0; a < d; ++a) totals[a] += l[a];
-    }
-    regrets(j) = learner - totals.minCoeff();
+    regrets(j) = sequence_regret<S>(losses.middleRows(j * rounds, rounds), policies.middleRows(j * rounds, rounds),
+                                    totals);
+  }
+}
+
+// The same for the policies softmax(logits), a sequence at a time while it is in cache. The
+// policies go to `policies`: all of them ((k T) x d), or only the last sequence's (T x d scratch).
+template <class S>
+void sequence_regrets_of_logits(const Eigen::Ref<const RowMatrix<S>>& losses,
+                                const Eigen::Ref<const RowMatrix<S>>& logits, Index rounds,
+                                Eigen::Ref<RowMatrix<S>> policies, Eigen::Ref<Vector<S>> regrets) {
+  Vector<S> totals(losses.cols());
+  const bool keep = policies.rows() == logits.rows();
+  for (Index j = 0; j < regrets.size(); ++j) {
+    auto pi = policies.middleRows(keep ? j * rounds : 0, rounds);
+    pi = logits.middleRows(j * rounds, rounds);
+    softmax_rows_in_place<S>(pi);
+    regrets(j) = sequence_regret<S>(losses.middleRows(j * rounds, rounds), pi, totals);
   }
 }
 
@@ -204,9 +228,8 @@ class RegretLoss {
     const Index k = check("RegretLoss::value", losses, policies, rounds);
     Vector<S> regrets(k);
     if (options_.from_logits) {
-      RowMatrix<S> pi = policies;
-      detail::softmax_rows_in_place<S>(pi);
-      detail::sequence_regrets<S>(losses, pi, rounds, regrets);
+      RowMatrix<S> scratch(rounds, losses.cols());
+      detail::sequence_regrets_of_logits<S>(losses, policies, rounds, scratch, regrets);
     } else {
       detail::sequence_regrets<S>(losses, policies, rounds, regrets);
     }
@@ -220,13 +243,8 @@ class RegretLoss {
     detail::require_shape("RegretLoss::value_and_grad", "grad", grad.rows(), grad.cols(), losses.rows(),
                           losses.cols());
     Vector<S> regrets(k), dregrets(k);
-    if (options_.from_logits) {  // grad holds pi until the last pass; a sequence at a time, while in cache
-      for (Index j = 0; j < k; ++j) {
-        auto pi = grad.middleRows(j * rounds, rounds);
-        pi = policies.middleRows(j * rounds, rounds);
-        detail::softmax_rows_in_place<S>(pi);
-        detail::sequence_regrets<S>(losses.middleRows(j * rounds, rounds), pi, rounds, regrets.segment(j, 1));
-      }
+    if (options_.from_logits) {  // grad holds pi until the last pass
+      detail::sequence_regrets_of_logits<S>(losses, policies, rounds, grad, regrets);
     } else {
       detail::sequence_regrets<S>(losses, policies, rounds, regrets);
     }
