@@ -13,10 +13,12 @@
 // One pass structure per row, one exp per element: max, then e = exp(h - max) written
 // straight into the gradient row while summing, then the gradient row is rescaled in place
 // (the row is still in cache). Rows of few classes (C < kSmallClasses) are all loop overhead
-// row by row, so they go through a second path that transposes a block of rows into a small
-// buffer and vectorizes across samples instead. With GRADUS_OPENMP, blocks of rows are split
+// row by row, so they take a second path: a block of kLanes rows is transposed (in registers,
+// with Eigen's packet transpose) so that each class is a vector of samples, the same steps
+// run across samples, and the gradient is transposed back. With GRADUS_OPENMP, rows are split
 // statically over threads and the per-thread sums are added in thread order (deterministic
-// for a given thread count). dlogits may alias logits.
+// for a given thread count; the gradient does not depend on it). dlogits may alias logits.
+// The value is summed in double.
 
 #include <algorithm>
 #include <cmath>
@@ -53,7 +55,8 @@ struct CompSumJob {
 };
 
 // Per-sample value and gradient coefficients (see the header comment) on lanes of samples;
-// A is an Eigen array, one lane per sample. active is 1 for counted rows, 0 otherwise.
+// A is an Eigen array, one lane per sample. active is 1 for counted rows, 0 otherwise;
+// callers zero the ignored rows themselves.
 template <class A>
 struct CompSumTerms {
   A value, a, b, c;
@@ -83,7 +86,7 @@ CompSumTerms<A> comp_sum_terms(const CompSumJob<S>& job, const A& lp, const A& l
 }
 
 // sum_j exp(x_j - m), writing the terms to e when it is not null. The last partial chunk is
-// padded with -inf (exp = 0) so that every exp is a vector one.
+// padded with -inf (exp = 0, or a denormal in double) so that every exp is a vector one.
 template <class S>
 S sum_exp(const S* x, S* e, Index n, S m) {
   using Chunk = Eigen::Array<S, 2 * Eigen::internal::packet_traits<S>::size, 1>;
