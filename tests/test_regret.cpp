@@ -191,6 +191,9 @@ TEMPLATE_TEST_CASE("RegretLoss matches a brute-force oracle", "[regret]", float,
       RowMatrix<S> grad(l.rows(), l.cols());
       CHECK(on_logits.value_and_grad(as<S>(l), as<S>(z), s.T, grad) ==
             Approx(expected).epsilon(tolerance).margin(tolerance));
+      RowMatrix<S> in_place = as<S>(z);  // the gradient may overwrite its input
+      on_logits.value_and_grad(as<S>(l), in_place, s.T, in_place);
+      CHECK(in_place == grad);
     }
   }
 }

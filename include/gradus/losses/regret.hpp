@@ -236,7 +236,8 @@ class RegretLoss {
     return weigh(regrets, nullptr);
   }
 
-  // Writes dL/dpolicies (or dL/dlogits) into grad, (k T) x d, and returns L.
+  // Writes dL/dpolicies (or dL/dlogits) into grad, (k T) x d, and returns L. grad may alias the
+  // policies (or logits).
   S value_and_grad(const Eigen::Ref<const RowMatrix<S>>& losses, const Eigen::Ref<const RowMatrix<S>>& policies,
                    Index rounds, Eigen::Ref<RowMatrix<S>> grad) const {
     const Index k = check("RegretLoss::value_and_grad", losses, policies, rounds);

@@ -56,6 +56,7 @@ class LinearSelfAttentionPolicy {
     return theta;
   }
 
+  // Z: the logits, (k T) x d; it must not alias X.
   void predict(const Eigen::Ref<const Vector<S>>& theta, const Eigen::Ref<const RowMatrix<S>>& X,
                Eigen::Ref<RowMatrix<S>> Z) const {
     check("LinearSelfAttentionPolicy::predict", theta, X);
@@ -69,9 +70,9 @@ class LinearSelfAttentionPolicy {
   // dtheta = J_theta^T dZ.
   void vjp_params(const Eigen::Ref<const Vector<S>>& theta, const Eigen::Ref<const RowMatrix<S>>& X,
                   const Eigen::Ref<const RowMatrix<S>>& dZ, Eigen::Ref<Vector<S>> dtheta) const {
-    const Backward b = backward("LinearSelfAttentionPolicy::vjp_params", theta, X, dZ);
     detail::require_size("LinearSelfAttentionPolicy::vjp_params", "dtheta", dtheta.size(), num_params(),
                          "entries (num_params)");
+    const Backward b = backward("LinearSelfAttentionPolicy::vjp_params", theta, X, dZ);
     Eigen::Map<RowMatrix<S>> dV(dtheta.data(), d_, d_ + 1);
     dV.leftCols(d_).noalias() = b.sG.transpose() * X;
     dV.col(d_) = b.sG.colwise().sum().transpose();
@@ -82,8 +83,8 @@ class LinearSelfAttentionPolicy {
   // dX = J_X^T dZ.
   void vjp_inputs(const Eigen::Ref<const Vector<S>>& theta, const Eigen::Ref<const RowMatrix<S>>& X,
                   const Eigen::Ref<const RowMatrix<S>>& dZ, Eigen::Ref<RowMatrix<S>> dX) const {
-    const Backward b = backward("LinearSelfAttentionPolicy::vjp_inputs", theta, X, dZ);
     detail::require_shape("LinearSelfAttentionPolicy::vjp_inputs", "dX", dX.rows(), dX.cols(), X.rows(), d_);
+    const Backward b = backward("LinearSelfAttentionPolicy::vjp_inputs", theta, X, dZ);
     dX.noalias() = b.sG * value_map(theta).leftCols(d_);
     dX.noalias() += b.c * query(theta).head(d_).transpose();
   }
