@@ -25,7 +25,10 @@
 // L collapses training when few p_i lie near 1/2. The stabilizer s (default 0) is the
 // authors' s = 1e-5 added to the denominators that vanish on a one-class batch: with s = 0,
 // a batch where the metric is undefined (G-mean or balanced accuracy without positives or
-// without negatives) throws gradus::invalid_argument. Non-finite inputs propagate as NaN.
+// without negatives) throws gradus::invalid_argument, as does any metric whose value or
+// partials are not finite on finite counts (a user metric writes its own s where it wants
+// one). Probabilities must lie in [0, 1]; non-finite inputs propagate as NaN.
+// An AnyLoss object keeps scratch between calls: use one object per thread.
 
 #include <algorithm>
 #include <cmath>
