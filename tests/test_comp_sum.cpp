@@ -354,3 +354,15 @@ TEST_CASE("OpenMP over rows is deterministic for a thread count and matches one 
   }
 }
 #endif
+
+TEST_CASE("named members are comp-sum losses with their tau", "[comp_sum]") {
+  static_assert(std::is_same_v<CrossEntropyLoss<float>::Options, CrossEntropyOptions<float>>);
+  CHECK(CrossEntropyLoss<float>{}.options().tau == 1);
+  CHECK(SumExponentialLoss<float>{}.options().tau == 0);
+  CHECK(GeneralizedCrossEntropyLoss<double>({.q = 0.5}).options().tau == 1.5);
+  CHECK(MeanAbsoluteErrorLoss<double>{}.options().tau == 2);
+  const CrossEntropyLoss<float> ce({.reduction = Reduction::Sum, .ignore_index = -1, .label_smoothing = 0.25f});
+  CHECK(ce.options().reduction == Reduction::Sum);
+  CHECK(ce.options().ignore_index == -1);
+  CHECK(ce.options().label_smoothing == 0.25f);
+}

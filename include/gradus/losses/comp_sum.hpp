@@ -149,7 +149,8 @@ class CompSumLoss {
   S weight_sum_ = 0;
 };
 
-// Cross-entropy (tau = 1) and the other named members take the options without tau.
+// Cross-entropy (tau = 1) and the other named members take their options without tau;
+// their options() is the full CompSumOptions they were turned into.
 template <class S>
 struct CrossEntropyOptions {
   Reduction reduction = Reduction::Mean;
@@ -177,7 +178,9 @@ struct GeneralizedCrossEntropyOptions {
 template <class S>
 class CrossEntropyLoss : public CompSumLoss<S> {
  public:
-  explicit CrossEntropyLoss(CrossEntropyOptions<S> o = {})
+  using Options = CrossEntropyOptions<S>;
+
+  explicit CrossEntropyLoss(Options o = {})
       : CompSumLoss<S>({.tau = 1, .reduction = o.reduction, .weight = std::move(o.weight),
                         .ignore_index = o.ignore_index, .label_smoothing = o.label_smoothing}) {}
 };
@@ -186,7 +189,9 @@ class CrossEntropyLoss : public CompSumLoss<S> {
 template <class S>
 class SumExponentialLoss : public CompSumLoss<S> {
  public:
-  explicit SumExponentialLoss(FixedTauOptions<S> o = {})
+  using Options = FixedTauOptions<S>;
+
+  explicit SumExponentialLoss(Options o = {})
       : CompSumLoss<S>({.tau = 0, .reduction = o.reduction, .weight = std::move(o.weight), .ignore_index = o.ignore_index}) {}
 };
 
@@ -194,7 +199,9 @@ class SumExponentialLoss : public CompSumLoss<S> {
 template <class S>
 class GeneralizedCrossEntropyLoss : public CompSumLoss<S> {
  public:
-  explicit GeneralizedCrossEntropyLoss(GeneralizedCrossEntropyOptions<S> o = {})
+  using Options = GeneralizedCrossEntropyOptions<S>;
+
+  explicit GeneralizedCrossEntropyLoss(Options o = {})
       : CompSumLoss<S>({.tau = 1 + checked_q(o.q), .reduction = o.reduction, .weight = std::move(o.weight),
                         .ignore_index = o.ignore_index}) {}
 
@@ -209,7 +216,9 @@ class GeneralizedCrossEntropyLoss : public CompSumLoss<S> {
 template <class S>
 class MeanAbsoluteErrorLoss : public CompSumLoss<S> {
  public:
-  explicit MeanAbsoluteErrorLoss(FixedTauOptions<S> o = {})
+  using Options = FixedTauOptions<S>;
+
+  explicit MeanAbsoluteErrorLoss(Options o = {})
       : CompSumLoss<S>({.tau = 2, .reduction = o.reduction, .weight = std::move(o.weight), .ignore_index = o.ignore_index}) {}
 };
 
