@@ -21,6 +21,11 @@ const auto mcc = [](auto tp, auto fn, auto fp, auto tn) {
   return (tp * tn - fp * fn) / sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn));
 };
 const auto jaccard = [](auto tp, auto fn, auto fp, auto) { return tp / (tp + fn + fp); };
+// Precision while recall stays above a floor, recall - 1 below it: branches on the values.
+const auto precision_at_recall_floor = [](auto tp, auto fn, auto fp, auto) {
+  const auto recall = tp / (tp + fn);
+  return recall >= 0.6 ? tp / (tp + fp) : recall - 1;
+};
 const auto f1_by_hand = [](auto tp, auto fn, auto fp, auto) { return 2 * tp / (2 * tp + fn + fp); };
 
 const Metric kMetrics[] = {Metric::Accuracy, Metric::F1, Metric::FBeta, Metric::GMean, Metric::BalancedAccuracy};
@@ -155,6 +160,8 @@ TEMPLATE_TEST_CASE("AnyLoss user metrics through dual numbers", "[anyloss]", flo
     check_against_fd<TestType>(any_loss<TestType>(mcc, options_as<TestType>(o)), any_loss<double>(mcc, o), z, y);
     check_against_fd<TestType>(any_loss<TestType>(jaccard, options_as<TestType>(o)), any_loss<double>(jaccard, o), z,
                                y);
+    check_against_fd<TestType>(any_loss<TestType>(precision_at_recall_floor, options_as<TestType>(o)),
+                               any_loss<double>(precision_at_recall_floor, o), z, y);
   }
   const RowMatrix<double> Z = uniform(17, 3, -2, 2, 3);
   check_against_fd<TestType>(any_loss<TestType>(mcc, options_as<TestType>(o)), any_loss<double>(mcc, o), Z,
