@@ -232,6 +232,40 @@ TEST_CASE("pgd_attack on a linear model reaches the closed-form worst case", "[a
   }
 }
 
+TEST_CASE("projected_gradient_ascent maximizes a user objective of the outputs", "[adversarial]") {
+  // Maximizing h_0(x') of a linear model: x' = x + gamma sign(w_0) in l_inf, clipped to the box.
+  const LinearModel<double> model(7, 3);
+  const Vector<double> theta = model.init_params(23);
+  const RowMatrix<double> X = (random_inputs<double>(5, 7, 91).array() + 1) / 2;
+  auto first_output = [](const RowMatrix<double>& Z, RowMatrix<double>& dZ) {
+    dZ.setZero();
+    dZ.col(0).setOnes();
+    CHECK(Z.cols() == 3);
+  };
+  RowMatrix<double> X_adv(5, 7);
+  projected_gradient_ascent(model, theta, X, {.gamma = 0.2, .steps = 10, .random_start = false, .upper = 1},
+                            first_output, X_adv);
+  const Eigen::RowVectorXd step = 0.2 * model.weights(theta).col(0).transpose().array().sign();
+  const RowMatrix<double> expected = (X.rowwise() + step).cwiseMin(1.0);
+  CHECK((X_adv - expected).cwiseAbs().maxCoeff() <= 1e-12);
+}
+
+TEST_CASE("Sum and None reductions give the sum of the per-sample losses", "[adversarial]") {
+  const MLP<double> model({4, 5, 3}, Activation::Tanh);
+  const Vector<double> theta = model.init_params(4);
+  const RowMatrix<double> X = random_inputs<double>(7, 4, 95);
+  const Labels y = random_labels(7, 3, 96);
+  const SmoothAdversarialLoss<double> mean({.gamma = 0.3});
+  Vector<double> grad_mean(model.num_params()), grad(model.num_params());
+  const double value_mean = mean.value_and_grad(model, theta, X, y, grad_mean);
+  for (Reduction reduction : {Reduction::Sum, Reduction::None}) {
+    const SmoothAdversarialLoss<double> loss({.gamma = 0.3, .reduction = reduction});
+    CHECK(loss.value_and_grad(model, theta, X, y, grad) == Approx(7 * value_mean));
+    CHECK((grad - 7 * grad_mean).norm() <= 1e-12 * (1 + grad.norm()));
+    CHECK(loss.value(model, theta, X, y) == Approx(7 * value_mean));
+  }
+}
+
 TEMPLATE_TEST_CASE("pgd_attack respects the box and lowers accuracy", "[adversarial]", float, double) {
   using S = TestType;
   const int n = 64, d = 8, c = 3;
@@ -283,6 +317,8 @@ TEST_CASE("bad input throws gradus::invalid_argument naming the argument", "[adv
   CHECK_THROWS_WITH(Loss({.nu = -1}), Catch::Contains("'options.nu'"));
   CHECK_THROWS_WITH(Loss({.rho = 0}), Catch::Contains("'options.rho'"));
   CHECK_THROWS_WITH(Loss({.rho = -2}), Catch::Contains("'options.rho'"));
+  CHECK_THROWS_WITH(Loss({.rho = INFINITY}), Catch::Contains("'options.rho'"));
+  CHECK_THROWS_WITH(Loss({.tau = -1}), Catch::Contains("gradus::SmoothAdversarialLoss: argument 'options.tau'"));
   CHECK_THROWS_WITH(Loss({.gamma = 0.1, .steps = 0}), Catch::Contains("'options.steps'"));
   CHECK_THROWS_WITH(Loss({.step_size = -1}), Catch::Contains("'options.step_size'"));
   CHECK_NOTHROW(Loss({.gamma = 0, .steps = 0}));

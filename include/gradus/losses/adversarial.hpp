@@ -17,7 +17,7 @@
 //
 // With d = h(x') - h(x) and u = d - d_y (so the margin change is -u), the smooth term is
 // ||u||_2 and its gradient with respect to h(x') is (u - e_y sum_k u_k) / ||u||, the negative
-// of that with respect to h(x), and 0 at u = 0 (the subgradient the paper's notes choose).
+// of that with respect to h(x); at u = 0 it takes the subgradient 0.
 //
 // Inner sup: `steps` steps of projected gradient ascent per sample (sign steps for l_inf,
 // unit-norm steps for l_2). The term's gradient vanishes at x' = x, so the ascent starts from
@@ -306,8 +306,8 @@ class SmoothAdversarialLoss {
     Z_.resize(X.rows(), model.num_outputs());
     model.predict(theta.derived(), X.derived(), Z_);
     const PGDOptions<S> ascent{.gamma = options_.gamma, .norm = options_.norm, .steps = options_.steps,
-                                     .step_size = options_.step_size, .random_start = options_.random_start,
-                                     .seed = options_.seed};
+                               .step_size = options_.step_size, .random_start = options_.random_start,
+                               .seed = options_.seed};
     const S start_radius = options_.gamma * (options_.random_start ? S(1) : S(1e-3));
     auto smooth_term_grad = [&](const RowMatrix<S>& Z_adv, RowMatrix<S>& dZ) {
       for (Index i = 0; i < Z_adv.rows(); ++i) margin_change_row(i, y(i), Z_adv, dZ);
@@ -343,6 +343,7 @@ class SmoothAdversarialLoss {
     detail::require_nonnegative(function, "options.tau", options.tau);
     detail::require_finite(function, "options.tau", options.tau);
     detail::require_positive(function, "options.rho", options.rho);
+    detail::require_finite(function, "options.rho", options.rho);
     detail::require_nonnegative(function, "options.nu", options.nu);
     detail::require_finite(function, "options.nu", options.nu);
     detail::validate_ball(function, options.gamma, options.steps, options.step_size);
