@@ -3,6 +3,8 @@
 #include <cmath>
 #include <cstdio>
 #include <string>
+#include <tuple>
+#include <utility>
 
 #include <Eigen/SVD>
 
@@ -27,6 +29,22 @@ Labels random_labels(Index rows, int classes, unsigned seed) {
   for (Index i = 0; i < rows; ++i) y(i) = std::rand() % classes;
   return y;
 }
+
+// A model, its initial parameters and a random batch (inputs in [-1, 1], labels in range).
+template <class M>
+struct Problem {
+  using S = typename M::Scalar;
+  M model;
+  Vector<S> theta;
+  RowMatrix<S> X;
+  Labels y;
+
+  Problem(M m, Index n, unsigned seed)
+      : model(std::move(m)),
+        theta(model.init_params(seed)),
+        X(random_inputs<S>(n, model.num_inputs(), seed)),
+        y(random_labels(n, int(model.num_outputs()), seed + 1)) {}
+};
 
 // Brute-force loop oracle of l_tau(z / rho, y) + nu * ||Delta(z_adv) - Delta(z)||_2 (mean).
 double oracle(const RowMatrix<double>& Z, const RowMatrix<double>& Z_adv, const Labels& y, double tau, double rho,
@@ -60,10 +78,7 @@ Eigen::MatrixXd margin_jacobian(const LinearModel<double>& model, const Vector<d
 TEMPLATE_TEST_CASE("nu = 0 is the comp-sum loss of h / rho", "[adversarial]", float, double) {
   using S = TestType;
   for (auto [n, d, c] : {std::tuple{1, 1, 2}, {3, 7, 3}, {8, 9, 9}, {17, 2, 8}}) {
-    const LinearModel<S> model(d, c);
-    const Vector<S> theta = model.init_params(7);
-    const RowMatrix<S> X = random_inputs<S>(n, d, 3);
-    const Labels y = random_labels(n, c, 4);
+    const auto [model, theta, X, y] = Problem(LinearModel<S>(d, c), n, 3);
     for (S tau : {S(0), S(1), S(1.5)}) {
       const S rho = S(0.6);
       const SmoothAdversarialLoss<S> loss({.tau = tau, .rho = rho, .nu = 0, .gamma = S(0.3)});
@@ -86,11 +101,8 @@ TEMPLATE_TEST_CASE("nu = 0 is the comp-sum loss of h / rho", "[adversarial]", fl
 }
 
 TEST_CASE("linear model, l2 ball: the ascent reaches gamma times the top singular value", "[adversarial]") {
-  const int n = 9, d = 7, c = 4;
-  const LinearModel<double> model(d, c);
-  const Vector<double> theta = model.init_params(11);
-  const RowMatrix<double> X = random_inputs<double>(n, d, 5);
-  const Labels y = random_labels(n, c, 6);
+  const int n = 9, d = 7;
+  const auto [model, theta, X, y] = Problem(LinearModel<double>(d, 4), n, 5);
   const double gamma = 0.5;
   for (bool random_start : {true, false}) {
     // Steps of size gamma: a step then the projection is a power iteration on I + c A^T A.
@@ -111,11 +123,8 @@ TEST_CASE("linear model, l2 ball: the ascent reaches gamma times the top singula
 }
 
 TEST_CASE("linear model, l_inf ball: the ascent ends at a vertex, below the brute-force maximum", "[adversarial]") {
-  const int n = 8, d = 3, c = 5;
-  const LinearModel<double> model(d, c);
-  const Vector<double> theta = model.init_params(13);
-  const RowMatrix<double> X = random_inputs<double>(n, d, 8);
-  const Labels y = random_labels(n, c, 9);
+  const int n = 8, d = 3;
+  const auto [model, theta, X, y] = Problem(LinearModel<double>(d, 5), n, 8);
   const double gamma = 0.25;
   const SmoothAdversarialLoss<double> loss({.nu = 1, .gamma = gamma, .steps = 40});
   RowMatrix<double> X_adv(n, d);
@@ -188,11 +197,8 @@ TEMPLATE_TEST_CASE("the outer gradient, x' held fixed, matches finite difference
 TEMPLATE_TEST_CASE("the inner ascent is deterministic for a seed and stays in the ball", "[adversarial]", float,
                    double) {
   using S = TestType;
-  const int n = 17, d = 9, c = 3;
-  const MLP<S> model({d, 8, c}, Activation::Tanh);
-  const Vector<S> theta = model.init_params(1);
-  const RowMatrix<S> X = random_inputs<S>(n, d, 31);
-  const Labels y = random_labels(n, c, 32);
+  const int n = 17, d = 9;
+  const auto [model, theta, X, y] = Problem(MLP<S>({d, 8, 3}, Activation::Tanh), n, 31);
   for (PerturbationNorm norm : {PerturbationNorm::Linf, PerturbationNorm::L2}) {
     SmoothAdversarialLoss<S> loss({.gamma = S(0.2), .norm = norm, .steps = 5, .seed = 3});
     RowMatrix<S> first(n, d), again(n, d), other(n, d);
@@ -214,10 +220,7 @@ TEST_CASE("pgd_attack on a linear model reaches the closed-form worst case", "[a
   // Two classes: the margin h_other - h_y = x (w_other - w_y) + const is linear, so the worst
   // l_inf perturbation is gamma sign(w_other - w_y) and the worst l2 one gamma (w_o - w_y) / ||.||.
   const int n = 7, d = 9;
-  const LinearModel<double> model(d, 2);
-  const Vector<double> theta = model.init_params(17);
-  const RowMatrix<double> X = random_inputs<double>(n, d, 41);
-  const Labels y = random_labels(n, 2, 42);
+  const auto [model, theta, X, y] = Problem(LinearModel<double>(d, 2), n, 41);
   const RowMatrix<double> W = model.weights(theta);
   for (PerturbationNorm norm : {PerturbationNorm::Linf, PerturbationNorm::L2}) {
     RowMatrix<double> X_adv(n, d);
@@ -251,10 +254,7 @@ TEST_CASE("projected_gradient_ascent maximizes a user objective of the outputs",
 }
 
 TEST_CASE("Sum and None reductions give the sum of the per-sample losses", "[adversarial]") {
-  const MLP<double> model({4, 5, 3}, Activation::Tanh);
-  const Vector<double> theta = model.init_params(4);
-  const RowMatrix<double> X = random_inputs<double>(7, 4, 95);
-  const Labels y = random_labels(7, 3, 96);
+  const auto [model, theta, X, y] = Problem(MLP<double>({4, 5, 3}, Activation::Tanh), 7, 95);
   const SmoothAdversarialLoss<double> mean({.gamma = 0.3});
   Vector<double> grad_mean(model.num_params()), grad(model.num_params());
   const double value_mean = mean.value_and_grad(model, theta, X, y, grad_mean);
@@ -288,11 +288,8 @@ TEMPLATE_TEST_CASE("pgd_attack respects the box and lowers accuracy", "[adversar
 }
 
 TEST_CASE("large logits in float give finite values and gradients", "[adversarial]") {
-  const int n = 3, d = 2, c = 3;
-  const LinearModel<float> model(d, c);
-  Vector<float> theta = model.init_params(3) * 1e4f;
-  const RowMatrix<float> X = random_inputs<float>(n, d, 61);
-  const Labels y = random_labels(n, c, 62);
+  auto [model, theta, X, y] = Problem(LinearModel<float>(2, 3), 3, 61);
+  theta *= 1e4f;
   const SmoothAdversarialLoss<float> loss({.gamma = 0.1f});
   Vector<float> grad(model.num_params());
   const float value = loss.value_and_grad(model, theta, X, y, grad);
@@ -301,10 +298,7 @@ TEST_CASE("large logits in float give finite values and gradients", "[adversaria
 }
 
 TEST_CASE("expressions are accepted as inputs", "[adversarial]") {
-  const LinearModel<double> model(3, 2);
-  const Vector<double> theta = model.init_params(1);
-  const RowMatrix<double> X = random_inputs<double>(4, 3, 71);
-  const Labels y = random_labels(4, 2, 72);
+  const auto [model, theta, X, y] = Problem(LinearModel<double>(3, 2), 4, 71);
   const SmoothAdversarialLoss<double> loss({.gamma = 0.1});
   const RowMatrix<double> twice = 2 * X;
   CHECK(loss.value(model, 1 * theta, 2 * X, (y.array() + 0).matrix()) == loss.value(model, theta, twice, y));
@@ -323,10 +317,7 @@ TEST_CASE("bad input throws gradus::invalid_argument naming the argument", "[adv
   CHECK_THROWS_WITH(Loss({.step_size = -1}), Catch::Contains("'options.step_size'"));
   CHECK_NOTHROW(Loss({.gamma = 0, .steps = 0}));
 
-  const LinearModel<double> model(3, 4);
-  const Vector<double> theta = model.init_params(1);
-  const RowMatrix<double> X = random_inputs<double>(5, 3, 81);
-  const Labels y = random_labels(5, 4, 82);
+  const auto [model, theta, X, y] = Problem(LinearModel<double>(3, 4), 5, 81);
   const Loss loss;
   Vector<double> grad(model.num_params());
   const std::string function = "gradus::SmoothAdversarialLoss::value_and_grad: ";
