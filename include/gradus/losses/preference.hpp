@@ -195,10 +195,15 @@ class PreferenceLoss {
   }
 
  private:
-  // Pairs are processed in blocks that stay in cache, so each input is read and each output
-  // written once, with no N-sized temporaries (except the sort of the Aot kinds).
+  // Pairs go through the kernel a chunk of two SIMD packets at a time, in one pass: the
+  // intermediates stay in registers, each input is read and each output written once, and
+  // there are no N-sized temporaries (except the sort of the Aot kinds).
+  using Packet = typename Eigen::internal::packet_traits<S>::type;
+  static constexpr Index kPacket = Eigen::internal::packet_traits<S>::size;
+  static constexpr Index kLanes = 2 * kPacket;
+  using Chunk = Eigen::Array<S, kLanes, 1>;
+  // Sums are kept per lane in S over a block of pairs, then added up in double (or wider S).
   static constexpr Index kBlock = 1024;
-  using Block = Eigen::Array<S, Eigen::Dynamic, 1, Eigen::ColMajor, kBlock, 1>;
 
   // Where run() writes; null pointers are skipped.
   struct Outputs {
@@ -251,24 +256,38 @@ class PreferenceLoss {
     detail::require_size(function, argument, x.size(), n, "entries (size of policy_chosen)");
   }
 
-  // sp(x) = log(1 + e^x) and sigma(x) = 1/(1 + e^-x) from one exp, finite for every x:
-  // w = e^x with x clamped to where it is finite, e^-|x| = min(w, 1/w), and log1p(y) as
-  // log(1 + y) plus what rounding 1 + y lost (Eigen 3.4 has no vectorized log1p for double),
-  // that is (y - (u - 1)) / u with u = 1 + y, where 1/u = sigma(|x|) = max(sigma, 1 - sigma).
-  static void softplus(const Block& x, Block& value, Block& sigmoid) {
-    static const S limit = std::floor(std::log(std::numeric_limits<S>::max()));
-    const Block w = x.max(-limit).min(limit).exp();
-    sigmoid = w / (1 + w);
-    const Block small = w.min(w.inverse());
-    const Block u = 1 + small;
-    value = x.max(S(0)) + u.log() + (small - (u - 1)) * sigmoid.max(1 - sigmoid);
+  // sp(x) = log(1 + e^x) = max(x, 0) + log1p(e) and sigma(x) = 1/(1 + e^-x) = (x >= 0 ? 1 : e) r
+  // from one e = e^-|x| in (0, 1] and r = 1/(1 + e), finite for every finite x. As e <= 1,
+  // log1p(e) = 2 atanh(s) = 2 s sum_k s^2k / (2k + 1) with s = e/(2 + e) <= 1/3: a short
+  // series without the range reduction of a general log, and accurate for tiny e.
+  // One division gives both r and s: q = 1/((1 + e)(2 + e)).
+  static void softplus(const Chunk& x, Chunk& value, Chunk& sigmoid) {
+    using namespace Eigen::internal;
+    const Packet zero = pset1<Packet>(S(0)), one = pset1<Packet>(S(1)), two = pset1<Packet>(S(2));
+    for (Index k = 0; k < kLanes; k += kPacket) {
+      const Packet xk = ploadu<Packet>(x.data() + k);
+      const Packet e = pexp(pnegate(pabs(xk)));
+      const Packet u = padd(one, e), v = padd(two, e), q = pdiv(one, pmul(u, v));
+      const Packet r = pmul(q, v), s = pmul(e, pmul(q, u)), z = pmul(s, s);
+      Packet series = pset1<Packet>(S(1) / S(2 * kAtanhTerms - 1));
+      for (int j = kAtanhTerms - 2; j >= 0; --j) series = pmadd(series, z, pset1<Packet>(S(1) / S(2 * j + 1)));
+      pstoreu(sigmoid.data() + k, pselect(pcmp_le(zero, xk), r, pmul(e, r)));
+      pstoreu(value.data() + k, padd(pmax(xk, zero), pmul(padd(s, s), series)));
+    }
   }
 
-  // Per-pair losses of a block and their partial derivatives in a and b.
-  void pair_losses(const Block& a, const Block& b, Block& loss, Block& da, Block& db) const {
+  // Terms of the atanh series until z^k / (2k + 1) <= (1/9)^k / (2k + 1) drops below S's rounding.
+  static constexpr int kAtanhTerms = [] {
+    int terms = 1;
+    for (long double z = 1; z / (2 * terms - 1) > std::numeric_limits<S>::epsilon() / 8; z /= 9) ++terms;
+    return terms;
+  }();
+
+  // Per-pair losses of a chunk and their partial derivatives in a and b.
+  void pair_losses(const Chunk& a, const Chunk& b, Chunk& loss, Chunk& da, Chunk& db) const {
     const S beta = options_.beta, eps = options_.epsilon;
-    const Block t = beta * (a - b);
-    Block sp, sigma, sp2, sigma2, sp3, sigma3;  // softplus and sigmoid of the kind's arguments
+    const Chunk t = beta * (a - b);
+    Chunk sp, sigma, sp2, sigma2, sp3, sigma3;  // softplus and sigmoid of the kind's arguments
     switch (options_.kind) {
       case PreferenceKind::Sigmoid:
       case PreferenceKind::Robust:
@@ -286,7 +305,7 @@ class PreferenceLoss {
         break;
       }
       case PreferenceKind::IPO: {
-        const Block r = a - b - 1 / (2 * beta);
+        const Chunk r = a - b - 1 / (2 * beta);
         loss = r.square();
         da = 2 * r;
         db = -da;
@@ -331,15 +350,15 @@ class PreferenceLoss {
         break;
       }
       case PreferenceKind::ApoZero: {
-        const Block sa = (beta * a).logistic(), sb = (beta * b).logistic();
+        const Chunk sa = (beta * a).logistic(), sb = (beta * b).logistic();
         loss = (1 - sa) + sb;
         da = -beta * sa * (1 - sa);
         db = beta * sb * (1 - sb);
         break;
       }
       case PreferenceKind::ApoDown: {
-        const Block sa = (beta * a).logistic(), st = t.logistic();
-        const Block g = beta * st * (1 - st);  // d sigma(t) / dh
+        const Chunk sa = (beta * a).logistic(), st = t.logistic();
+        const Chunk g = beta * st * (1 - st);  // d sigma(t) / dh
         loss = sa + (1 - st);
         da = beta * sa * (1 - sa) - g;
         db = g;
@@ -348,10 +367,10 @@ class PreferenceLoss {
       case PreferenceKind::DiscoPOP: {
         // m e^-t = exp(-t - sp(-t/tau)) stays finite where e^-t alone overflows.
         const S tau = options_.discopop_tau;
-        const Block u = t / tau;
+        const Chunk u = t / tau;
         softplus(-t, sp, sigma);     // the DPO loss and its weight
         softplus(-u, sp2, sigma2);   // sigma2 = 1 - m
-        const Block m = u.logistic(), me = (-t - sp2).exp();
+        const Chunk m = u.logistic(), me = (-t - sp2).exp();
         loss = sigma2 * sp + me;
         da = beta * (-sigma2 * sigma - me + (sigma2 * me - m * sigma2 * sp) / tau);
         db = -da;
@@ -401,24 +420,31 @@ class PreferenceLoss {
     // Sums in double (or wider S): N may be large.
     using Accumulator = decltype(S() + double());
     Accumulator total = 0, chosen = 0, rejected = 0, correct = 0;
-    Block a, b, loss, da, db;
-    for (Index start = 0; start < n; start += kBlock) {
-      const Index m = std::min(kBlock, n - start);
-      a = (pc.segment(start, m) - rc.segment(start, m)).array();
-      b = (pr.segment(start, m) - rr.segment(start, m)).array();
-      if (out.metrics) {
-        chosen += a.sum();
-        rejected += b.sum();
-        correct += static_cast<Accumulator>((a > b).count());
+    for (Index block = 0; block < n; block += kBlock) {
+      const Index end = std::min(n, block + kBlock);
+      Chunk total_lanes = Chunk::Zero(), chosen_lanes = Chunk::Zero(), rejected_lanes = Chunk::Zero();
+      for (Index start = block; start < end; start += kLanes) {
+        const Index m = std::min(kLanes, end - start);
+        Chunk a = load(pc - rc, start, m), b = load(pr - rr, start, m);
+        if (out.metrics) {
+          chosen_lanes += a;
+          rejected_lanes += b;
+          correct += static_cast<Accumulator>((a > b).count());  // the zero padding never counts
+        }
+        if (sorted.a.size()) {
+          a = load(sorted.a, start, m);
+          b = load(sorted.b, start, m);
+        }
+        Chunk loss, da, db;
+        pair_losses(a, b, loss, da, db);
+        if (m < kLanes) loss.tail(kLanes - m).setZero();
+        total_lanes += loss;
+        if (out.per_pair) store(out.per_pair, start, m, loss);
+        if (out.dpolicy_chosen) scatter(start, m, scale * da, scale * db, sorted, out);
       }
-      if (sorted.a.size()) {
-        a = sorted.a.segment(start, m).array();
-        b = sorted.b.segment(start, m).array();
-      }
-      pair_losses(a, b, loss, da, db);
-      total += loss.sum();
-      if (out.per_pair) Eigen::Map<Block>(out.per_pair + start, m) = loss;
-      if (out.dpolicy_chosen) scatter(start, m, scale * da, scale * db, sorted, out);
+      total += total_lanes.sum();
+      chosen += chosen_lanes.sum();
+      rejected += rejected_lanes.sum();
     }
     if (out.metrics) {
       const Accumulator beta = options_.beta, count = static_cast<Accumulator>(n);
@@ -430,14 +456,30 @@ class PreferenceLoss {
     return static_cast<S>(reduce_mean ? total / static_cast<Accumulator>(n) : total);
   }
 
-  // Gradients of a block: d/dpc = d/da, d/drc = -d/da, d/dpr = d/db, d/drr = -d/db, or
+  // Entries start..start+m of the vector expression x as a chunk, zero past m.
+  template <class X>
+  static Chunk load(const X& x, Index start, Index m) {
+    if (m == kLanes) return x.template segment<kLanes>(start).array();
+    Chunk chunk = Chunk::Zero();
+    chunk.head(m) = x.segment(start, m).array();
+    return chunk;
+  }
+
+  static void store(S* out, Index start, Index m, const Chunk& chunk) {
+    if (m == kLanes)
+      Eigen::Map<Chunk>(out + start) = chunk;
+    else
+      Eigen::Map<Eigen::Array<S, Eigen::Dynamic, 1>>(out + start, m) = chunk.head(m);
+  }
+
+  // Gradients of a chunk: d/dpc = d/da, d/drc = -d/da, d/dpr = d/db, d/drr = -d/db, or
   // through the sort permutations for the Aot kinds.
-  void scatter(Index start, Index m, const Block& da, const Block& db, const Sorted& sorted, const Outputs& out) const {
+  void scatter(Index start, Index m, const Chunk& da, const Chunk& db, const Sorted& sorted, const Outputs& out) const {
     if (!sorts(options_.kind)) {
-      Eigen::Map<Block>(out.dpolicy_chosen + start, m) = da;
-      Eigen::Map<Block>(out.dpolicy_rejected + start, m) = db;
-      if (out.dreference_chosen) Eigen::Map<Block>(out.dreference_chosen + start, m) = -da;
-      if (out.dreference_rejected) Eigen::Map<Block>(out.dreference_rejected + start, m) = -db;
+      store(out.dpolicy_chosen, start, m, da);
+      store(out.dpolicy_rejected, start, m, db);
+      if (out.dreference_chosen) store(out.dreference_chosen, start, m, -da);
+      if (out.dreference_rejected) store(out.dreference_rejected, start, m, -db);
       return;
     }
     // Aot: a = pc - pr, b = rc - rr. AotUnpaired: a = pc - rc, b = pr - rr.
