@@ -304,8 +304,8 @@ class EF21 {
     } else {
       client.objective.value_and_grad(x_, target);
     }
-    target = client.scale * target - client.g;
-    compressor_.compress(target, client.message, client.rng);
+    // Compress the expression: a sparsifier reads it once (RandK only k entries), no vector is written.
+    compressor_.compress(client.scale * target - client.g, client.message, client.rng);
     client.message.add_to(client.g, S(1));
   }
 
