@@ -213,6 +213,22 @@ struct BlockTranspose {
     }
   }
 };
+
+// x[l] where key(l) == value, else +0 (x aligned, L entries). Eigen 3.4's Array comparisons
+// are scalar, so this goes through its packet compare; the bitwise and also clears NaN and inf.
+template <class S, int L>
+Eigen::Array<S, L, 1> where_equal(const Eigen::Array<S, L, 1>& key, S value, const S* x) {
+  using Packet = typename Eigen::internal::packet_traits<S>::type;
+  constexpr int P = Eigen::internal::unpacket_traits<Packet>::size;
+  const Packet v = Eigen::internal::pset1<Packet>(value);
+  Eigen::Array<S, L, 1> out;
+  for (int k = 0; k < L; k += P) {
+    const Packet equal = Eigen::internal::pcmp_eq(Eigen::internal::pload<Packet>(key.data() + k), v);
+    Eigen::internal::pstore(out.data() + k, Eigen::internal::pand(equal, Eigen::internal::pload<Packet>(x + k)));
+  }
+  return out;
+}
+
 #if defined(__GNUC__)
 #pragma GCC diagnostic pop
 #endif
@@ -229,20 +245,26 @@ S comp_sum_block(const CompSumJob<S>& job, Index first, Index count) {
   using Transpose = BlockTranspose<S>;
   Transpose::load(job.logits + first * job.ld_logits, job.ld_logits, n, count,
                   Transpose::can_load(first, job.rows, n, job.ld_logits), t);
-  // Per-lane label bookkeeping in scalar code: Eigen 3.4 does not vectorize comparisons.
-  int column[L];
-  Lanes active, v_y, h_y;
-  bool all_active = true;
-  for (int l = 0; l < L; ++l) {
-    const int y = l < count ? job.labels[first + l] : job.ignore_index;
-    active(l) = y != job.ignore_index;
-    all_active = all_active && active(l) > 0;
-    column[l] = active(l) > 0 ? y : 0;
-    v_y(l) = active(l) > 0 ? v(column[l]) : S(0);
-    h_y(l) = t[column[l] * L + l];
+  // Labels as lanes of S (small integers: exact); padding lanes are ignored.
+  Lanes y = Lanes::Constant(S(job.ignore_index));
+  if (count == L) {
+    y = Eigen::Map<const Eigen::Array<int, L, 1>>(job.labels + first).template cast<S>();
+  } else {
+    for (Index l = 0; l < count; ++l) y(l) = S(job.labels[first + l]);
   }
-  Lanes m = LaneMap(t);
-  for (Index c = 1; c < n; ++c) m = m.max(LaneMap(t + c * L));
+  const Lanes ones = Lanes::Ones();
+  const Lanes active = 1 - where_equal(y, S(job.ignore_index), ones.data());
+  const Lanes column = y * active;  // 0 for ignored rows
+  const bool all_active = active.minCoeff() > 0;
+  Lanes v_y = active;
+  if (job.class_weight) {
+    for (int l = 0; l < L; ++l) v_y(l) = active(l) > 0 ? job.class_weight[Index(column(l))] : S(0);
+  }
+  Lanes m = LaneMap(t), h_y = where_equal(column, S(0), t);
+  for (Index c = 1; c < n; ++c) {
+    m = m.max(LaneMap(t + c * L));
+    h_y += where_equal(column, S(c), t + c * L);
+  }
   Lanes dot = Lanes::Zero();
   if (job.smoothing > 0) {
     for (Index c = 0; c < n; ++c) dot += v(c) * (LaneMap(t + c * L) - m);
@@ -259,9 +281,8 @@ S comp_sum_block(const CompSumJob<S>& job, Index first, Index count) {
     const Lanes a_over_s = terms.a / s;
     for (Index c = 0; c < n; ++c) {
       LaneMap g(t + c * L);
-      g = g * a_over_s - v(c) * terms.c;
+      g = g * a_over_s - v(c) * terms.c - where_equal(column, S(c), terms.b.data());
     }
-    for (int l = 0; l < L; ++l) t[column[l] * L + l] -= terms.b(l);
   }
   if (!all_active) {  // ignored rows: nothing, even from non-finite logits
     for (int l = 0; l < L; ++l) {
