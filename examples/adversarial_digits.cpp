@@ -12,11 +12,13 @@
 // accuracy than the state of the art at little or no cost in clean accuracy. The loss here is a
 // reconstruction (see include/gradus/losses/adversarial.hpp); this is a CPU-sized sanity check.
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <numeric>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <gradus/losses/adversarial.hpp>
@@ -185,7 +187,7 @@ Result run(const M& model, Method method, S nu, S learning_rate, int epochs, con
 
 int main() {
   const bool smoke = examples::smoke();
-  const int repeats = smoke ? 1 : 5, linear_epochs = smoke ? 1 : 60, mlp_epochs = smoke ? 1 : 60;
+  const int repeats = smoke ? 1 : 5, epochs = smoke ? 1 : 60;
   examples::Dataset digits = examples::load_digits();
   digits.X /= 16.0;  // pixels in [0, 1]
 
@@ -201,14 +203,15 @@ int main() {
   const std::size_t at_train_radius = 1;  // eval_radii[1] == train_gamma
 
   std::vector<std::pair<const char*, std::vector<Result>>> verdicts;
-  std::printf("digits: %lld samples, 70/30 stratified splits x %d; train radius %.2f (l_inf, %d PGD steps)\n",
-              static_cast<long long>(digits.X.rows()), repeats, double(train_gamma), train_steps);
+  std::printf("digits: %lld samples, 70/30 stratified splits x %d (mean accuracy, total seconds); %d epochs of minibatch Adam;\n"
+              "training radius %.2f (l_inf, %d PGD steps)\n",
+              static_cast<long long>(digits.X.rows()), repeats, epochs, double(train_gamma), train_steps);
   std::printf("robust accuracy: 20-step l_inf PGD on the margin loss, random start, pixels in [0, 1]\n\n");
   std::printf("%-7s %-29s %7s", "model", "training", "clean");
   for (S r : eval_radii) std::printf("   r=%.2f", double(r));
   std::printf("  %8s\n", "seconds");
 
-  auto report = [&](const char* model_name, const auto& model, S learning_rate, int epochs) {
+  auto report = [&](const char* model_name, const auto& model, S learning_rate) {
     std::vector<Result> results;
     for (const Arm& arm : arms) {
       Result mean;
@@ -233,12 +236,13 @@ int main() {
     }
     verdicts.push_back({model_name, std::move(results)});
   };
-  report("linear", linear, S(0.01), linear_epochs);
-  report("mlp", mlp, S(0.003), mlp_epochs);
+  report("linear", linear, S(0.01));
+  report("mlp", mlp, S(0.003));
 
   // The paper's claim against plain training, with the smallest nu (results[3]); the
   // adversarial baselines for context. Criterion: +5 points robust, at most -2 points clean.
-  std::printf("\nPaper's claim: better robust accuracy than plain training at little or no clean cost.\n");
+  std::printf("\nPaper's claim: better robust accuracy than plain training at little or no clean cost\n"
+              "(taken here as: robust accuracy at the training radius up by 0.05 or more, clean down by under 0.02).\n");
   for (const auto& [model_name, results] : verdicts) {
     const Result &plain = results[0], &smooth = results[3], &pgd_at = results[1], &trades = results[2];
     const double clean_change = smooth.clean - plain.clean;
