@@ -153,9 +153,10 @@ Scores cross_validate(const Dataset& data, const std::vector<int>& fold, const M
     const Index steps = t.epochs * ((train.X.rows() + batch - 1) / batch);
     const examples::Stopwatch watch;
     auto objective = gradus::make_objective(model, loss, train.X, train.y);
-    if (k == 0 || !t.carry_over) theta = model.init_params(100 + std::uint64_t(k));  // fresh in every fold
+    if (k == 0 || !t.carry_over) theta = model.init_params(100 + std::uint64_t(k));  // fresh per fold
+    const gradus::Minibatch minibatches{.batch_size = batch, .seed = std::uint64_t(k)};
     gradus::minimize(objective, theta, gradus::adam<double>({.learning_rate = t.learning_rate}),
-                     gradus::Stop{.max_steps = steps}, gradus::Minibatch{.batch_size = batch, .seed = std::uint64_t(k)});
+                     gradus::Stop{.max_steps = steps}, minibatches);
     scores.seconds += watch.seconds();
     Matrix Z(test.X.rows(), 1);
     model.predict(theta, test.X, Z);
@@ -267,7 +268,8 @@ int main() {
   std::printf("Authors' notebook ([Hyper_T1_1]_ValidL): AnyLoss-F1, L = 73, 2-unit MLP with batch normalization,\n"
               "weights carried over between folds: mean test F1 0.6334 on their draw of the synthetic set.\n"
               "Here, MLP 2-2-1 without batch normalization, weights carried over: F1 %.4f +- %.4f\n"
-              "(fresh initialization per fold: the MLP 2-2-1 AnyLoss-F1 (L=73) row of the first synthetic table).\n",
+              "(fresh initialization per fold: the MLP 2-2-1 AnyLoss-F1 (L=73) row of the first synthetic\n"
+              "table).\n",
               mean(carried.f1), sd(carried.f1));
   std::printf("total %.1f s\n", total.seconds());
   if (smoke) std::printf("(smoke run: 1 epoch, the numbers mean nothing)\n");

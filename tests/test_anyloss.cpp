@@ -375,9 +375,12 @@ TEST_CASE("AnyLoss rejects bad input with gradus::invalid_argument", "[anyloss]"
   };
 
   SECTION("hyperparameters") {
-    for (const double L : {0.0, -1.0, double(NAN), double(INFINITY)}) throws_naming([&] { AnyLoss<double>({.amplify = L}); }, "'options.amplify'");
-    for (const double b : {0.0, -2.0, double(NAN)}) throws_naming([&] { AnyLoss<double>({.beta = b}); }, "'options.beta'");
-    for (const double s : {-1e-5, double(NAN)}) throws_naming([&] { AnyLoss<double>({.stabilizer = s}); }, "'options.stabilizer'");
+    for (const double L : {0.0, -1.0, double(NAN), double(INFINITY)})
+      throws_naming([&] { AnyLoss<double>({.amplify = L}); }, "'options.amplify'");
+    for (const double b : {0.0, -2.0, double(NAN)})
+      throws_naming([&] { AnyLoss<double>({.beta = b}); }, "'options.beta'");
+    for (const double s : {-1e-5, double(NAN)})
+      throws_naming([&] { AnyLoss<double>({.stabilizer = s}); }, "'options.stabilizer'");
     throws_naming([&] { any_loss<float>(mcc, {.amplify = -3}); }, "'options.amplify'");
   }
   SECTION("shapes and labels") {

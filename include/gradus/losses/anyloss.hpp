@@ -356,7 +356,8 @@ class AnyLoss {
     double metric_sum = 0;
     slopes_.resize(classes, 2);
     for (Index c = 0; c < classes; ++c) {  // macro average: each class weighs 1/C
-      const auto s = detail::metric_slopes(metric_, batch_.class_counts(c), function, "class " + detail::to_text(c) + ": ");
+      const std::string which = "class " + detail::to_text(c) + ": ";
+      const auto s = detail::metric_slopes(metric_, batch_.class_counts(c), function, which);
       metric_sum += s.metric;
       slopes_(c, 0) = static_cast<S>(s.positive / double(classes));
       slopes_(c, 1) = static_cast<S>(s.negative / double(classes));
