@@ -11,6 +11,8 @@
 #include <gradus/optim/ef21.hpp>
 #include <gradus/testing/gradient_check.hpp>
 
+#include "../examples/ef21_heart.hpp"
+
 using namespace gradus;
 using namespace gradus::ef21;
 
@@ -552,4 +554,26 @@ TEST_CASE("EF21 rejects bad input with clear errors", "[ef21][errors]") {
   CHECK_THROWS_AS((EF21(std::vector<Logistic>{}, TopK{1}, x0, {.gamma = 0.1})), gradus::invalid_argument);
   std::vector<FailingClient> plain = {{clients[0], 100}};
   CHECK_THROWS_AS((EF21(plain, TopK{1}, x0, {.gamma = 0.1, .batch_size = 2})), gradus::invalid_argument);
+}
+
+TEST_CASE("heart_scale: the L_AM step needs >= 2.5x fewer rounds at c = 10 and is within 10% at c = 1",
+          "[ef21][claim]") {
+  using namespace examples::ef21_heart;
+  const double alpha = TopK{1}.alpha(14);
+  for (double c : {1.0, 10.0}) {
+    const Problem problem = make_problem(c);
+    const double gamma_QM = step_size(problem.L, problem.L_i, alpha, StepRule::QuadraticMean);
+    const double gamma_AM = step_size(problem.L, problem.L_i, alpha, StepRule::ArithmeticMean);
+    const Outcome qm = run(problem, 0, kClients, {.gamma = gamma_QM}, 40000, InProcess{});
+    const Outcome am = run(problem, 0, kClients, {.gamma = gamma_AM, .weights = problem.L_i}, 40000, InProcess{});
+    REQUIRE(qm.rounds > 0);
+    REQUIRE(am.rounds > 0);
+    const double speedup = double(qm.rounds) / double(am.rounds);
+    INFO("c = " << c << ": " << qm.rounds << " / " << am.rounds << " rounds");
+    if (c > 1) {
+      CHECK(speedup >= 2.5);
+    } else {
+      CHECK(speedup == Approx(1).margin(0.1));
+    }
+  }
 }
