@@ -63,8 +63,10 @@ void adam_minimize(benchmark::State& state) {
   set_items(state, d);
 }
 
-// The raw loops evaluate the gradient steps + 1 times, like minimize (which evaluates the final x).
-void adam_raw_loop(benchmark::State& state) {
+// The raw loops evaluate the gradient steps + 1 times, like minimize (which evaluates the
+// final x); update(g, m, v, x, c1, c2) applies one bias-corrected Adam step in place.
+template <class Update>
+void adam_raw(benchmark::State& state, Update update) {
   const Index d = dimension();
   const Quadratic f(d);
   Vec x = Vec::Zero(d), g(d), m = Vec::Zero(d), v = Vec::Zero(d);
@@ -74,36 +76,29 @@ void adam_raw_loop(benchmark::State& state) {
       benchmark::DoNotOptimize(f.value_and_grad(x, g));
       if (k == steps_per_iteration) break;
       ++t;
-      const double c1 = 1 / (1 - std::pow(b1, double(t))), c2 = 1 / (1 - std::pow(b2, double(t)));
-      for (Index i = 0; i < d; ++i) {
-        m[i] = b1 * m[i] + (1 - b1) * g[i];
-        v[i] = b2 * v[i] + (1 - b2) * g[i] * g[i];
-        x[i] -= lr * (c1 * m[i]) / (std::sqrt(c2 * v[i]) + eps);
-      }
+      update(g, m, v, x, 1 / (1 - std::pow(b1, double(t))), 1 / (1 - std::pow(b2, double(t))));
     }
     benchmark::DoNotOptimize(x.data());
   }
   set_items(state, d);
 }
 
-void adam_raw_eigen(benchmark::State& state) {
-  const Index d = dimension();
-  const Quadratic f(d);
-  Vec x = Vec::Zero(d), g(d), m = Vec::Zero(d), v = Vec::Zero(d);
-  std::int64_t t = 0;
-  for (auto _ : state) {
-    for (Index k = 0;; ++k) {
-      benchmark::DoNotOptimize(f.value_and_grad(x, g));
-      if (k == steps_per_iteration) break;
-      ++t;
-      const double c1 = 1 / (1 - std::pow(b1, double(t))), c2 = 1 / (1 - std::pow(b2, double(t)));
-      m = b1 * m + (1 - b1) * g;
-      v = b2 * v + (1 - b2) * g.cwiseAbs2();
-      x.array() -= lr * (c1 * m.array()) / ((c2 * v.array()).sqrt() + eps);
+void adam_raw_loop(benchmark::State& state) {
+  adam_raw(state, [](const Vec& g, Vec& m, Vec& v, Vec& x, double c1, double c2) {
+    for (Index i = 0; i < g.size(); ++i) {
+      m[i] = b1 * m[i] + (1 - b1) * g[i];
+      v[i] = b2 * v[i] + (1 - b2) * g[i] * g[i];
+      x[i] -= lr * (c1 * m[i]) / (std::sqrt(c2 * v[i]) + eps);
     }
-    benchmark::DoNotOptimize(x.data());
-  }
-  set_items(state, d);
+  });
+}
+
+void adam_raw_eigen(benchmark::State& state) {
+  adam_raw(state, [](const Vec& g, Vec& m, Vec& v, Vec& x, double c1, double c2) {
+    m = b1 * m + (1 - b1) * g;
+    v = b2 * v + (1 - b2) * g.cwiseAbs2();
+    x.array() -= lr * (c1 * m.array()) / ((c2 * v.array()).sqrt() + eps);
+  });
 }
 
 using Objective = gradus::ModelObjective<gradus::LinearModel<double>, gradus::CrossEntropyLoss<double>>;

@@ -46,8 +46,8 @@
 
 #include "gradus/core/concepts.hpp"
 #include "gradus/core/errors.hpp"
+#include "gradus/core/random.hpp"
 #include "gradus/core/types.hpp"
-#include "gradus/models/linear.hpp"  // detail::SplitMix64
 #include "gradus/optim/transforms.hpp"
 
 namespace gradus {

@@ -231,14 +231,18 @@ void load_state(std::istream& in, State& state) {
 // ---------------------------------------------------------------------------------------
 // Stateless transformations.
 
+// Shared by the transformations without state.
 template <class S>
-struct Scale {
+struct Stateless {
   using Scalar = S;
   using State = EmptyState;
-  S factor;
-
   State init(const Vector<S>&) const { return {}; }
-  void update(Eigen::Ref<Vector<S>> updates, State&, const Vector<S>& params) const {
+};
+
+template <class S>
+struct Scale : Stateless<S> {
+  S factor;
+  void update(Eigen::Ref<Vector<S>> updates, EmptyState&, const Vector<S>& params) const {
     detail::check_update("scale", updates, params);
     updates *= factor;
   }
@@ -247,17 +251,13 @@ struct Scale {
 template <class S>
 Scale<S> scale(S factor) {
   detail::require_finite("scale", "factor", factor);
-  return {factor};
+  return {{}, factor};
 }
 
 template <class S>
-struct AddDecayedWeights {
-  using Scalar = S;
-  using State = EmptyState;
+struct AddDecayedWeights : Stateless<S> {
   S weight_decay;
-
-  State init(const Vector<S>&) const { return {}; }
-  void update(Eigen::Ref<Vector<S>> updates, State&, const Vector<S>& params) const {
+  void update(Eigen::Ref<Vector<S>> updates, EmptyState&, const Vector<S>& params) const {
     detail::check_update("add_decayed_weights", updates, params);
     updates += weight_decay * params;
   }
@@ -266,17 +266,13 @@ struct AddDecayedWeights {
 template <class S>
 AddDecayedWeights<S> add_decayed_weights(S weight_decay) {
   detail::require_nonnegative("add_decayed_weights", "weight_decay", weight_decay);
-  return {weight_decay};
+  return {{}, weight_decay};
 }
 
 template <class S>
-struct ClipByGlobalNorm {
-  using Scalar = S;
-  using State = EmptyState;
+struct ClipByGlobalNorm : Stateless<S> {
   S max_norm;
-
-  State init(const Vector<S>&) const { return {}; }
-  void update(Eigen::Ref<Vector<S>> updates, State&, const Vector<S>& params) const {
+  void update(Eigen::Ref<Vector<S>> updates, EmptyState&, const Vector<S>& params) const {
     detail::check_update("clip_by_global_norm", updates, params);
     const S norm = updates.norm();
     if (norm > max_norm) updates *= max_norm / norm;  // NaN norms pass through unchanged
@@ -286,7 +282,7 @@ struct ClipByGlobalNorm {
 template <class S>
 ClipByGlobalNorm<S> clip_by_global_norm(S max_norm) {
   detail::require_positive("clip_by_global_norm", "max_norm", max_norm);
-  return {max_norm};
+  return {{}, max_norm};
 }
 
 // ---------------------------------------------------------------------------------------
