@@ -261,7 +261,7 @@ class PreferenceLoss {
   // log1p(e) = 2 atanh(s) = 2 s sum_k s^2k / (2k + 1) with s = e/(2 + e) <= 1/3: a short
   // series without the range reduction of a general log, and accurate for tiny e.
   // One division gives both r and s: q = 1/((1 + e)(2 + e)).
-  static void softplus(const Chunk& x, Chunk& value, Chunk& sigmoid) {
+  EIGEN_ALWAYS_INLINE static void softplus(const Chunk& x, Chunk& value, Chunk& sigmoid) {
     using namespace Eigen::internal;
     const Packet zero = pset1<Packet>(S(0)), one = pset1<Packet>(S(1)), two = pset1<Packet>(S(2));
     for (Index k = 0; k < kLanes; k += kPacket) {
@@ -283,6 +283,26 @@ class PreferenceLoss {
     return terms;
   }();
 
+  static bool in_dpo_family(PreferenceKind kind) {
+    return kind == PreferenceKind::Sigmoid || kind == PreferenceKind::Robust || kind == PreferenceKind::Conservative ||
+           sorts(kind);
+  }
+
+  // The DPO family, the hot path, are all sp(-t) + c t: the DPO loss plus a linear term
+  // (rDPO pushes on, cDPO holds back).
+  EIGEN_ALWAYS_INLINE void dpo_family(const Chunk& a, const Chunk& b, Chunk& loss, Chunk& da, Chunk& db) const {
+    const S beta = options_.beta, eps = options_.epsilon;
+    const S c = options_.kind == PreferenceKind::Sigmoid  ? S(0)
+                : options_.kind == PreferenceKind::Robust ? -eps / (1 - 2 * eps)
+                                                          : eps;
+    const Chunk t = beta * (a - b);
+    Chunk sp, sigma;
+    softplus(-t, sp, sigma);
+    loss = sp + c * t;
+    da = beta * (c - sigma);
+    db = -da;
+  }
+
   // Per-pair losses of a chunk and their partial derivatives in a and b.
   void pair_losses(const Chunk& a, const Chunk& b, Chunk& loss, Chunk& da, Chunk& db) const {
     const S beta = options_.beta, eps = options_.epsilon;
@@ -293,17 +313,9 @@ class PreferenceLoss {
       case PreferenceKind::Robust:
       case PreferenceKind::Conservative:
       case PreferenceKind::Aot:
-      case PreferenceKind::AotUnpaired: {
-        // All are sp(-t) + c t: the DPO loss plus a linear term (rDPO pushes on, cDPO holds back).
-        const S c = options_.kind == PreferenceKind::Sigmoid  ? S(0)
-                    : options_.kind == PreferenceKind::Robust ? -eps / (1 - 2 * eps)
-                                                              : eps;
-        softplus(-t, sp, sigma);
-        loss = sp + c * t;
-        da = beta * (c - sigma);
-        db = -da;
+      case PreferenceKind::AotUnpaired:
+        dpo_family(a, b, loss, da, db);
         break;
-      }
       case PreferenceKind::IPO: {
         const Chunk r = a - b - 1 / (2 * beta);
         loss = r.square();
@@ -420,32 +432,39 @@ class PreferenceLoss {
     // Sums in double (or wider S): N may be large.
     using Accumulator = decltype(S() + double());
     Accumulator total = 0, chosen = 0, rejected = 0, correct = 0;
-    for (Index block = 0; block < n; block += kBlock) {
-      const Index end = std::min(n, block + kBlock);
-      Chunk total_lanes = Chunk::Zero(), chosen_lanes = Chunk::Zero(), rejected_lanes = Chunk::Zero();
-      for (Index start = block; start < end; start += kLanes) {
-        const Index m = std::min(kLanes, end - start);
-        Chunk a = load(pc - rc, start, m), b = load(pr - rr, start, m);
-        if (out.metrics) {
-          chosen_lanes += a;
-          rejected_lanes += b;
-          correct += static_cast<Accumulator>((a > b).count());  // the zero padding never counts
+    // The DPO family, the hot path, gets a loop of its own with its kernel inlined.
+    auto pass = [&](auto kernel) {
+      for (Index block = 0; block < n; block += kBlock) {
+        const Index end = std::min(n, block + kBlock);
+        Chunk total_lanes = Chunk::Zero(), chosen_lanes = Chunk::Zero(), rejected_lanes = Chunk::Zero();
+        for (Index start = block; start < end; start += kLanes) {
+          const Index m = std::min(kLanes, end - start);
+          Chunk a = load(pc - rc, start, m), b = load(pr - rr, start, m);
+          if (out.metrics) {
+            chosen_lanes += a;
+            rejected_lanes += b;
+            correct += static_cast<Accumulator>((a > b).count());  // the zero padding never counts
+          }
+          if (sorted.a.size()) {
+            a = load(sorted.a, start, m);
+            b = load(sorted.b, start, m);
+          }
+          Chunk loss, da, db;
+          kernel(a, b, loss, da, db);
+          if (m < kLanes) loss.tail(kLanes - m).setZero();
+          total_lanes += loss;
+          if (out.per_pair) store(out.per_pair, start, m, loss);
+          if (out.dpolicy_chosen) scatter(start, m, scale * da, scale * db, sorted, out);
         }
-        if (sorted.a.size()) {
-          a = load(sorted.a, start, m);
-          b = load(sorted.b, start, m);
-        }
-        Chunk loss, da, db;
-        pair_losses(a, b, loss, da, db);
-        if (m < kLanes) loss.tail(kLanes - m).setZero();
-        total_lanes += loss;
-        if (out.per_pair) store(out.per_pair, start, m, loss);
-        if (out.dpolicy_chosen) scatter(start, m, scale * da, scale * db, sorted, out);
+        total += total_lanes.sum();
+        chosen += chosen_lanes.sum();
+        rejected += rejected_lanes.sum();
       }
-      total += total_lanes.sum();
-      chosen += chosen_lanes.sum();
-      rejected += rejected_lanes.sum();
-    }
+    };
+    if (in_dpo_family(kind))
+      pass([this](auto&... x) { dpo_family(x...); });
+    else
+      pass([this](auto&... x) { pair_losses(x...); });
     if (out.metrics) {
       const Accumulator beta = options_.beta, count = static_cast<Accumulator>(n);
       out.metrics->chosen_reward = static_cast<S>(beta * chosen / count);
