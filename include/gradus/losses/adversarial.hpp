@@ -45,9 +45,9 @@
 
 #include "gradus/core/concepts.hpp"
 #include "gradus/core/errors.hpp"
+#include "gradus/core/random.hpp"
 #include "gradus/core/types.hpp"
 #include "gradus/losses/comp_sum.hpp"
-#include "gradus/models/linear.hpp"  // detail::SplitMix64
 
 namespace gradus {
 
