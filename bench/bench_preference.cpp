@@ -126,6 +126,9 @@ const bool registered = [] {
   benchmark::RegisterBenchmark(("dpo_f32/memcpy/" + pairs).c_str(), copy_pairs<float>, n);
   benchmark::RegisterBenchmark(("rdpo_f32/fused/" + pairs).c_str(), fused<float>, PreferenceKind::Robust, n);
   benchmark::RegisterBenchmark(("rdpo_f32/memcpy/" + pairs).c_str(), copy_pairs<float>, n);
+  // IPO goes through the generic per-kind kernel rather than the DPO family's own loop.
+  benchmark::RegisterBenchmark(("ipo_f32/fused/" + pairs).c_str(), fused<float>, PreferenceKind::IPO, n);
+  benchmark::RegisterBenchmark(("ipo_f32/memcpy/" + pairs).c_str(), copy_pairs<float>, n);
   benchmark::RegisterBenchmark(("dpo_f64/fused/" + pairs).c_str(), fused<double>, PreferenceKind::Sigmoid, n);
   benchmark::RegisterBenchmark(("dpo_f64/naive/" + pairs).c_str(), naive<double>, n);
   benchmark::RegisterBenchmark(("dpo_f64/memcpy/" + pairs).c_str(), copy_pairs<double>, n);

@@ -305,6 +305,70 @@ TEST_CASE("reductions, reference-free mode, reference gradients and metrics", "[
   CHECK(free_dpr == dpr);
 }
 
+namespace {
+
+// Pair by pair in long double, the DPO family sp(-t) + c t with its gradient in pc.
+template <class S>
+void check_blocks_against_loop(K kind, Eigen::Index n) {
+  const Batch batch = random_batch(kind, n, 41);
+  const PreferenceOptions<S> options = options_for<S>(kind);
+  const Vector<S> pc = batch.pc.cast<S>(), pr = batch.pr.cast<S>(), rc = batch.rc.cast<S>(), rr = batch.rr.cast<S>();
+  Vector<S> per_pair(n), dpc(n), dpr(n);
+  const PreferenceLoss<S> loss(options);
+  loss.values(pc, pr, rc, rr, per_pair);
+  const S total = loss.value_and_grad(pc, pr, rc, rr, dpc, dpr);
+  const long double beta = options.beta, eps = options.epsilon;
+  const long double c = kind == K::Sigmoid ? 0 : kind == K::Robust ? -eps / (1 - 2 * eps) : eps;
+  long double sum = 0, worst_value = 0, worst_grad = 0;
+  for (Eigen::Index i = 0; i < n; ++i) {
+    const long double t = beta * (static_cast<long double>(pc(i)) - rc(i) - pr(i) + rr(i));
+    const long double value = std::max(-t, 0.0L) + std::log1p(std::exp(-std::abs(t))) + c * t;
+    const long double grad = beta * (c - 1 / (1 + std::exp(t)));
+    sum += value;
+    worst_value = std::max(worst_value, std::abs(per_pair(i) - value) / (1 + std::abs(value)));
+    worst_grad = std::max(worst_grad, std::abs(dpc(i) - grad) + std::abs(dpr(i) + grad));
+  }
+  const double tolerance = std::is_same_v<S, float> ? 1e-5 : 1e-13;
+  CHECK(worst_value < tolerance);
+  CHECK(worst_grad < tolerance);
+  CHECK(static_cast<double>(total) == Approx(static_cast<double>(sum)).epsilon(tolerance));
+}
+
+// Any kind: per-pair values and gradients of a batch equal those of each pair on its own.
+template <class S>
+void check_blocks_against_single_pairs(K kind, Eigen::Index n) {
+  const Batch batch = random_batch(kind, n, 43);
+  const Vector<S> pc = batch.pc.cast<S>(), pr = batch.pr.cast<S>(), rc = batch.rc.cast<S>(), rr = batch.rr.cast<S>();
+  const PreferenceLoss<S> loss(options_for<S>(kind));
+  Vector<S> per_pair(n), dpc(n), dpr(n), one(1), dpc_one(1), dpr_one(1);
+  loss.values(pc, pr, rc, rr, per_pair);
+  loss.value_and_grad(pc, pr, rc, rr, dpc, dpr);
+  bool same = true;
+  for (Eigen::Index i = 0; i < n; ++i) {
+    loss.values(pc.segment(i, 1), pr.segment(i, 1), rc.segment(i, 1), rr.segment(i, 1), one);
+    loss.value_and_grad(pc.segment(i, 1), pr.segment(i, 1), rc.segment(i, 1), rr.segment(i, 1), dpc_one, dpr_one);
+    same = same && one(0) == per_pair(i) && dpc_one(0) == dpc(i) && dpr_one(0) == dpr(i);
+  }
+  CHECK(same);
+}
+
+}  // namespace
+
+TEST_CASE("blocks and SIMD chunks: sizes around their boundaries against pair-by-pair loops", "[preference]") {
+  for (Eigen::Index n : {15, 16, 17, 31, 33, 1023, 1024, 1025, 2049}) {
+    for (K kind : {K::Sigmoid, K::Robust, K::Conservative}) {
+      INFO(name(kind) << " n=" << n);
+      check_blocks_against_loop<float>(kind, n);
+      check_blocks_against_loop<double>(kind, n);
+    }
+    for (K kind : {K::Sigmoid, K::IPO, K::Hinge, K::NcaPair, K::DiscoPOP}) {
+      INFO(name(kind) << " n=" << n);
+      check_blocks_against_single_pairs<float>(kind, n);
+      check_blocks_against_single_pairs<double>(kind, n);
+    }
+  }
+}
+
 TEST_CASE("the sorting kinds send gradients through the permutation", "[preference][aot]") {
   // With a one-pair batch Aot is cDPO; with the batch reordered, the loss is unchanged.
   const Batch batch = random_batch(K::Aot, 9, 21);

@@ -276,7 +276,8 @@ class PreferenceLoss {
     }
   }
 
-  // Terms of the atanh series until z^k / (2k + 1) <= (1/9)^k / (2k + 1) drops below S's rounding.
+  // Terms of the atanh series: up to the first k where (1/9)^k / (2k + 1), which bounds
+  // z^k / (2k + 1), is below an eighth of S's rounding (float 8, double 17).
   static constexpr int kAtanhTerms = [] {
     int terms = 1;
     for (long double z = 1; z / (2 * terms - 1) > std::numeric_limits<S>::epsilon() / 8; z /= 9) ++terms;
