@@ -133,40 +133,77 @@ void amplify(const Eigen::ArrayBase<P>& p, typename P::Scalar L, A& a, A& not_a)
   a = (S(1) + a).inverse();
 }
 
-// Fixed-capacity stack arrays: the binary kernel runs in blocks that stay in L1.
-inline constexpr int kAnyLossBlock = 256;
+// The binary kernel works on Eigen's SIMD packets (Packet16f / Packet8d with AVX-512): Eigen's
+// Array expressions would not vectorize the sign select and the int -> S label conversion.
 template <class S>
-using AnyLossBlock = Eigen::Array<S, Eigen::Dynamic, 1, Eigen::ColMajor, kAnyLossBlock, 1>;
+using Packet = typename Eigen::internal::packet_traits<S>::type;
+template <class S>
+inline constexpr Index kPacketSize = Eigen::internal::unpacket_traits<Packet<S>>::size;
+
+template <class P>
+struct SigmoidPair {
+  P value, complement;  // s = sigmoid(x) and 1 - s
+};
+
+// From e = exp(-|x|) in (0, 1]: 1/(1+e) and e/(1+e), ordered by the sign of x. One exp and one
+// division, no cancellation in either, exact 0 and 1 at +-inf; NaN propagates.
+template <class P>
+SigmoidPair<P> sigmoid_pair(const P& x) {
+  using namespace Eigen::internal;
+  const P e = pexp(pnegate(pabs(x)));
+  const P large = pdiv(pset1<P>(1), padd(pset1<P>(1), e));
+  const P small = pmul(e, large);
+  const P negative = pcmp_lt(x, pzero(x));
+  return {pselect(negative, small, large), pselect(negative, large, small)};
+}
+
+// Fixed-size blocks that stay in L1. Each stage runs over the whole block before the next:
+// one packet's exp -> division -> exp chain is long, and independent packets hide its latency.
+inline constexpr int kAnyLossBlock = 256;
 
 // Binary pass 1 over one block: soft counts, and with `weight` the chain factor
-// da_i/dz_i = L a (1 - a) p (1 - p) (or da_i/dp_i without the sigmoid).
-template <class S>
-void binary_block(const S* z, const int* y, Index n, S L, bool logits, SoftCounts& k, S* weight) {
-  using Block = AnyLossBlock<S>;
-  const Eigen::Map<const Eigen::Array<S, Eigen::Dynamic, 1>> zb(z, n);
-  Block p(n), not_p(n);
-  if (logits) {  // one exp: e = exp(-z), p = 1/(1+e), 1-p = 1/(1+1/e); exact at z = +-inf
-    const Block e = (-zb).exp();
-    p = (S(1) + e).inverse();
-    not_p = (S(1) + e.inverse()).inverse();
-  } else {
-    p = zb;
-    not_p = S(1) - zb;
+// da_i/dz_i = L a (1 - a) p (1 - p) (or da_i/dp_i without the sigmoid). Float packet partial
+// sums over the block, added to the double totals once per block.
+template <bool Logits, class S>
+void binary_block(const S* z, const int* y, Index n, S L, SoftCounts& k, S* weight) {
+  using namespace Eigen::internal;
+  using P = Packet<S>;
+  constexpr Index width = kPacketSize<S>;
+  const Index padded = (n + width - 1) / width * width;
+  // The block in buffers zero-padded to whole packets; padded lanes count in neither class.
+  alignas(64) S p[kAnyLossBlock], chain[kAnyLossBlock], positive[kAnyLossBlock], negative[kAnyLossBlock];
+  for (Index i = 0; i < padded; ++i) {  // plain loops: the compiler vectorizes them
+    const bool in_block = i < n;
+    p[i] = in_block ? z[i] : S(0);
+    positive[i] = in_block ? S(y[i]) : S(0);
+    negative[i] = in_block ? S(1) - positive[i] : S(0);
   }
-  Block a(n), not_a(n);
-  amplify(p, L, a, not_a);
-  const Block positive = Eigen::Map<const Eigen::ArrayXi>(y, n).template cast<S>();
-  const Block negative = S(1) - positive;
-  k.tp += static_cast<double>((positive * a).sum());
-  k.fn += static_cast<double>((positive * not_a).sum());
-  k.fp += static_cast<double>((negative * a).sum());
-  k.tn += static_cast<double>((negative * not_a).sum());
-  k.positives += static_cast<Index>(positive.sum());
-  if (weight != nullptr) {
-    Eigen::Map<Eigen::Array<S, Eigen::Dynamic, 1>> w(weight, n);
-    w = L * a * not_a;
-    if (logits) w *= p * not_p;
+  const P half = pset1<P>(S(0.5)), scale = pset1<P>(L);
+  for (Index i = 0; i < padded; i += width) {  // p = sigmoid(z), chain = L dp/dz
+    if constexpr (Logits) {
+      const auto s = sigmoid_pair(pload<P>(p + i));
+      pstore(p + i, s.value);
+      pstore(chain + i, pmul(scale, pmul(s.value, s.complement)));
+    } else {
+      pstore(chain + i, scale);
+    }
   }
+  P tp = pzero(half), fn = tp, fp = tp, tn = tp;
+  for (Index i = 0; i < padded; i += width) {  // a = A(p): counts, chain *= da/d(L (p - 1/2))
+    const auto a = sigmoid_pair(pmul(scale, psub(pload<P>(p + i), half)));
+    const P pos = pload<P>(positive + i), neg = pload<P>(negative + i);
+    tp = pmadd(pos, a.value, tp);
+    fn = pmadd(pos, a.complement, fn);
+    fp = pmadd(neg, a.value, fp);
+    tn = pmadd(neg, a.complement, tn);
+    pstore(chain + i, pmul(pload<P>(chain + i), pmul(a.value, a.complement)));
+  }
+  k.tp += static_cast<double>(predux(tp));
+  k.fn += static_cast<double>(predux(fn));
+  k.fp += static_cast<double>(predux(fp));
+  k.tn += static_cast<double>(predux(tn));
+  k.positives += static_cast<Index>(Eigen::Map<const Eigen::Array<S, Eigen::Dynamic, 1>>(positive, n).sum());
+  if (weight) std::copy(chain, chain + n, weight);
 }
 
 // The batch side of AnyLoss, independent of the metric (so it is compiled once per scalar):
@@ -189,7 +226,12 @@ class SoftConfusion {
     SoftCounts counts;
     for (Index start = 0; start < n; start += kAnyLossBlock) {
       const Index size = std::min<Index>(kAnyLossBlock, n - start);
-      binary_block(z + start, labels.data() + start, size, L, logits, counts, weight ? weight + start : nullptr);
+      S* block_weight = weight ? weight + start : nullptr;
+      if (logits) {
+        binary_block<true>(z + start, labels.data() + start, size, L, counts, block_weight);
+      } else {
+        binary_block<false>(z + start, labels.data() + start, size, L, counts, block_weight);
+      }
     }
     counts.negatives = n - counts.positives;
     return counts;
@@ -198,8 +240,10 @@ class SoftConfusion {
   // dz_i = slope(y_i) * da_i/dz_i, the latter stored by binary_counts.
   void binary_grad(const Eigen::Ref<const Labels>& labels, S positive, S negative, Eigen::Ref<RowMatrix<S>>& dZ) {
     S* weight = strided_grad_ ? grad_column_.data() : dZ.data();
-    Eigen::Map<Eigen::Array<S, Eigen::Dynamic, 1>>(weight, labels.size()) *=
-        negative + (positive - negative) * labels.array().template cast<S>();
+    const int* y = labels.data();
+    for (Index i = 0; i < labels.size(); ++i) {  // a plain loop: the compiler vectorizes it
+      weight[i] *= negative + (positive - negative) * S(y[i]);
+    }
     if (strided_grad_) dZ.col(0) = grad_column_;
   }
 
