@@ -122,17 +122,6 @@ MetricSlopes metric_slopes(const F& metric, const SoftCounts& k, std::string_vie
   return {m.value, positive, negative};
 }
 
-// a = A(p) = sigmoid(L (p - 1/2)) and 1 - a, the latter without cancellation (it is ~1e-16
-// for confident samples, and G-mean divides by such sums). One exp, no temporary; an exp
-// that over- or underflows still gives exact 0 and 1.
-template <class P, class A>
-void amplify(const Eigen::ArrayBase<P>& p, typename P::Scalar L, A& a, A& not_a) {
-  using S = typename P::Scalar;
-  a = (-L * (p - S(0.5))).exp();
-  not_a = (S(1) + a.inverse()).inverse();
-  a = (S(1) + a).inverse();
-}
-
 // The binary kernel works on Eigen's SIMD packets (Packet16f / Packet8d with AVX-512): Eigen's
 // Array expressions would not vectorize the sign select and the int -> S label conversion.
 template <class S>
@@ -157,53 +146,66 @@ SigmoidPair<P> sigmoid_pair(const P& x) {
   return {pselect(negative, small, large), pselect(negative, large, small)};
 }
 
+// One vectorized pass (the unsigned compare also catches negative labels); the caller then
+// names the first bad label.
+inline bool labels_in_range(const Eigen::Ref<const Labels>& labels, Index classes) {
+  bool out_of_range = false;
+  for (Index i = 0; i < labels.size(); ++i) out_of_range |= unsigned(labels(i)) >= unsigned(classes);
+  return !out_of_range;
+}
+
 // Fixed-size blocks that stay in L1. Each stage runs over the whole block before the next:
 // one packet's exp -> division -> exp chain is long, and independent packets hide its latency.
 inline constexpr int kAnyLossBlock = 256;
 
-// Binary pass 1 over one block: soft counts, and with `weight` the chain factor
-// da_i/dz_i = L a (1 - a) p (1 - p) (or da_i/dp_i without the sigmoid). Float packet partial
-// sums over the block, added to the double totals once per block.
-template <bool Logits, class S>
-void binary_block(const S* z, const int* y, Index n, S L, SoftCounts& k, S* weight) {
+inline Index whole_packets(Index n, Index width) { return (n + width - 1) / width * width; }
+
+// s = sigmoid(scale (x - shift)), 1 - s and ds/dx = scale s (1 - s), over `padded` entries
+// (a whole number of packets; the caller pads). With scale = L, shift = 1/2: a = A(p).
+template <class S>
+void sigmoid_block(const S* x, Index padded, S scale, S shift, S* value, S* complement, S* slope) {
   using namespace Eigen::internal;
   using P = Packet<S>;
-  constexpr Index width = kPacketSize<S>;
-  const Index padded = (n + width - 1) / width * width;
+  const P scale_p = pset1<P>(scale), shift_p = pset1<P>(shift);
+  for (Index i = 0; i < padded; i += kPacketSize<S>) {
+    const auto s = sigmoid_pair(pmul(scale_p, psub(pload<P>(x + i), shift_p)));
+    pstore(value + i, s.value);
+    pstore(complement + i, s.complement);
+    pstore(slope + i, pmul(scale_p, pmul(s.value, s.complement)));
+  }
+}
+
+// Binary pass 1 over one block: soft counts, and with `weight` the chain factor
+// da_i/dz_i = L a (1 - a) p (1 - p) (or da_i/dp_i without the sigmoid). Float partial sums
+// over the block, added to the double totals once per block.
+template <bool Logits, class S>
+void binary_block(const S* z, const int* y, Index n, S L, SoftCounts& k, S* weight) {
+  using Array = Eigen::Map<const Eigen::Array<S, Eigen::Dynamic, 1>, Eigen::Aligned64>;
+  const Index padded = whole_packets(n, kPacketSize<S>);
   // The block in buffers zero-padded to whole packets; padded lanes count in neither class.
-  alignas(64) S p[kAnyLossBlock], chain[kAnyLossBlock], positive[kAnyLossBlock], negative[kAnyLossBlock];
-  for (Index i = 0; i < padded; ++i) {  // plain loops: the compiler vectorizes them
+  alignas(64) S p[kAnyLossBlock], not_p[kAnyLossBlock], dp[kAnyLossBlock], a[kAnyLossBlock],
+      not_a[kAnyLossBlock], da[kAnyLossBlock], positive[kAnyLossBlock], negative[kAnyLossBlock];
+  for (Index i = 0; i < kAnyLossBlock; ++i) {  // plain loop: the compiler vectorizes it
     const bool in_block = i < n;
     p[i] = in_block ? z[i] : S(0);
     positive[i] = in_block ? S(y[i]) : S(0);
     negative[i] = in_block ? S(1) - positive[i] : S(0);
   }
-  const P half = pset1<P>(S(0.5)), scale = pset1<P>(L);
-  for (Index i = 0; i < padded; i += width) {  // p = sigmoid(z), chain = L dp/dz
-    if constexpr (Logits) {
-      const auto s = sigmoid_pair(pload<P>(p + i));
-      pstore(p + i, s.value);
-      pstore(chain + i, pmul(scale, pmul(s.value, s.complement)));
-    } else {
-      pstore(chain + i, scale);
-    }
+  if constexpr (Logits) sigmoid_block(p, padded, S(1), S(0), p, not_p, dp);
+  sigmoid_block(p, padded, L, S(0.5), a, not_a, da);
+  const Array pos(positive, n), neg(negative, n), a_(a, n), not_a_(not_a, n);
+  k.tp += static_cast<double>((pos * a_).sum());
+  k.fn += static_cast<double>((pos * not_a_).sum());
+  k.fp += static_cast<double>((neg * a_).sum());
+  k.tn += static_cast<double>((neg * not_a_).sum());
+  k.positives += static_cast<Index>(pos.sum());
+  if (!weight) return;
+  Eigen::Map<Eigen::Array<S, Eigen::Dynamic, 1>> w(weight, n);
+  if constexpr (Logits) {
+    w = Array(da, n) * Array(dp, n);
+  } else {
+    w = Array(da, n);
   }
-  P tp = pzero(half), fn = tp, fp = tp, tn = tp;
-  for (Index i = 0; i < padded; i += width) {  // a = A(p): counts, chain *= da/d(L (p - 1/2))
-    const auto a = sigmoid_pair(pmul(scale, psub(pload<P>(p + i), half)));
-    const P pos = pload<P>(positive + i), neg = pload<P>(negative + i);
-    tp = pmadd(pos, a.value, tp);
-    fn = pmadd(pos, a.complement, fn);
-    fp = pmadd(neg, a.value, fp);
-    tn = pmadd(neg, a.complement, tn);
-    pstore(chain + i, pmul(pload<P>(chain + i), pmul(a.value, a.complement)));
-  }
-  k.tp += static_cast<double>(predux(tp));
-  k.fn += static_cast<double>(predux(fn));
-  k.fp += static_cast<double>(predux(fp));
-  k.tn += static_cast<double>(predux(tn));
-  k.positives += static_cast<Index>(Eigen::Map<const Eigen::Array<S, Eigen::Dynamic, 1>>(positive, n).sum());
-  if (weight) std::copy(chain, chain + n, weight);
 }
 
 // The batch side of AnyLoss, independent of the metric (so it is compiled once per scalar):
@@ -247,9 +249,11 @@ class SoftConfusion {
     if (strided_grad_) dZ.col(0) = grad_column_;
   }
 
-  // Multi-class: per class c the counts TP, FN, FP, TN of the one-vs-rest problem. Each row
-  // adds a to FP and 1 - a to TN except at its label, which goes to TP and FN (zeroed
-  // before the add, so nothing cancels). dZ receives da_ic/dp_ic = L a (1 - a).
+  // Multi-class: per class c the counts TP, FN, FP, TN of the one-vs-rest problem. Blocks of
+  // rows run flat through the packet kernel (C is often below a packet's width, so row-wise
+  // packets would idle); then each row's label entry moves to TP and FN (zeroed before the
+  // column sums, so nothing cancels) and the column sums go to FP and TN.
+  // dZ receives da_ic/dp_ic = L a (1 - a).
   void multiclass_counts(const Eigen::Ref<const RowMatrix<S>>& Z, const Eigen::Ref<const Labels>& labels, S L,
                          bool logits, Eigen::Ref<RowMatrix<S>>* dZ) {
     const Index n = Z.rows(), classes = Z.cols();
@@ -257,17 +261,27 @@ class SoftConfusion {
     const auto& P = logits ? Eigen::Ref<const RowMatrix<S>>(probabilities_) : Z;
     counts_.setZero(classes, 4);
     positives_.setZero(classes);
-    Eigen::Array<S, 1, Eigen::Dynamic> a(classes), not_a(classes);
-    for (Index i = 0; i < n; ++i) {
-      const int y = labels(i);
-      amplify(P.row(i).array(), L, a, not_a);
-      if (dZ) dZ->row(i).array() = L * a * not_a;
-      counts_(y, 0) += static_cast<double>(a(y));
-      counts_(y, 1) += static_cast<double>(not_a(y));
-      a(y) = not_a(y) = 0;
-      counts_.col(2) += a.transpose().template cast<double>();
-      counts_.col(3) += not_a.transpose().template cast<double>();
-      ++positives_(y);
+    const Index rows = std::max<Index>(1, kAnyLossBlock / classes);
+    const Index padded = whole_packets(rows * classes, kPacketSize<S>);
+    block_.setZero(padded, 4);  // p, a, 1 - a, L a (1 - a); aligned columns (padded is a whole packet count)
+    using Block = Eigen::Map<Eigen::Array<S, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>;
+    for (Index start = 0; start < n; start += rows) {
+      const Index r = std::min(rows, n - start);
+      Block p(block_.col(0).data(), r, classes), a(block_.col(1).data(), r, classes),
+          not_a(block_.col(2).data(), r, classes), slope(block_.col(3).data(), r, classes);
+      p = P.middleRows(start, r).array();
+      sigmoid_block(p.data(), whole_packets(r * classes, kPacketSize<S>), L, S(0.5), a.data(), not_a.data(),
+                    slope.data());
+      if (dZ) dZ->middleRows(start, r) = slope.matrix();
+      for (Index i = 0; i < r; ++i) {
+        const int y = labels(start + i);
+        counts_(y, 0) += static_cast<double>(a(i, y));
+        counts_(y, 1) += static_cast<double>(not_a(i, y));
+        a(i, y) = not_a(i, y) = 0;
+        ++positives_(y);
+      }
+      counts_.col(2) += a.colwise().sum().transpose().template cast<double>();
+      counts_.col(3) += not_a.colwise().sum().transpose().template cast<double>();
     }
   }
 
@@ -277,30 +291,39 @@ class SoftConfusion {
   }
 
   // slopes: C x 2, dloss/da for the class's positives and negatives; with logits, back
-  // through the softmax: dz = p * (g - <p, g>).
+  // through the softmax: dz = p * (g - <p, g>). Plain loops over a row: the compiler
+  // vectorizes them where Eigen's dynamic-size rows shorter than a packet would not.
   void multiclass_grad(const Eigen::Ref<const RowMatrix<S>>& Z, const Eigen::Ref<const Labels>& labels,
                        const Eigen::Array<S, Eigen::Dynamic, 2>& slopes, bool logits, Eigen::Ref<RowMatrix<S>>& dZ) {
     const auto& P = logits ? Eigen::Ref<const RowMatrix<S>>(probabilities_) : Z;
+    const Index classes = Z.cols();
+    const S* negative = slopes.col(1).data();
     for (Index i = 0; i < Z.rows(); ++i) {
-      auto g = dZ.row(i).array();  // holds da_ic/dp_ic; becomes dloss/dp_ic = slope_c(y_i) da_ic/dp_ic
+      S* g = &dZ(i, 0);  // holds da_ic/dp_ic; becomes dloss/dp_ic = slope_c(y_i) da_ic/dp_ic
       const int y = labels(i);
-      const S label_weight = g(y);
-      g *= slopes.col(1).transpose();
-      g(y) = label_weight * slopes(y, 0);
-      if (logits) {
-        const auto p = P.row(i).array();
-        g = p * (g - (p * g).sum());
-      }
+      const S label_weight = g[y] * slopes(y, 0);
+      for (Index c = 0; c < classes; ++c) g[c] *= negative[c];
+      g[y] = label_weight;
+      if (!logits) continue;
+      const S* p = P.row(i).data();
+      S dot = 0;
+      for (Index c = 0; c < classes; ++c) dot += p[c] * g[c];
+      for (Index c = 0; c < classes; ++c) g[c] = p[c] * (g[c] - dot);
     }
   }
 
  private:
-  // Max-shifted row softmax, one exp per element.
+  // Max-shifted row softmax, one exp per element; the exps run flat over the whole matrix.
   void softmax_rows(const Eigen::Ref<const RowMatrix<S>>& Z) {
     probabilities_.resize(Z.rows(), Z.cols());  // no-op after the first call at a given shape
+    const Index classes = Z.cols();
+    for (Index i = 0; i < Z.rows(); ++i) probabilities_.row(i) = Z.row(i).array() - Z.row(i).maxCoeff();
+    probabilities_.array() = probabilities_.array().exp();
     for (Index i = 0; i < Z.rows(); ++i) {
-      probabilities_.row(i) = (Z.row(i).array() - Z.row(i).maxCoeff()).exp();
-      probabilities_.row(i) /= probabilities_.row(i).sum();
+      S* p = &probabilities_(i, 0);
+      S sum = 0;
+      for (Index c = 0; c < classes; ++c) sum += p[c];
+      for (Index c = 0; c < classes; ++c) p[c] /= sum;
     }
   }
 
@@ -309,6 +332,7 @@ class SoftConfusion {
   RowMatrix<S> probabilities_;
   Eigen::Array<double, Eigen::Dynamic, 4> counts_;
   Eigen::Array<Index, Eigen::Dynamic, 1> positives_;
+  Eigen::Array<S, Eigen::Dynamic, 4> block_;
 };
 
 }  // namespace detail
@@ -378,9 +402,7 @@ class AnyLoss {
     detail::require_nonempty(function, name, Z.cols(), "columns");
     detail::require_size(function, "labels", labels.size(), Z.rows(), "entries (rows of Z)");
     const Index classes = Z.cols() == 1 ? 2 : Z.cols();
-    if (labels.minCoeff() < 0 || labels.maxCoeff() >= classes) {  // vectorized scan; the message names the first
-      detail::require_labels(function, "labels", labels, classes);
-    }
+    if (!detail::labels_in_range(labels, classes)) detail::require_labels(function, "labels", labels, classes);
     if (!logits()) require_probabilities(function, name, Z);
     return Z.cols() == 1 ? binary(function, Z, labels, dZ) : multiclass(function, Z, labels, dZ);
   }
