@@ -1,5 +1,6 @@
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <random>
@@ -327,6 +328,35 @@ TEST_CASE("non-finite logits propagate as NaN, except from ignored rows", "[comp
     CHECK(g.row(2).isZero(0));
     y(0) = -100;
     CHECK(std::isfinite(CrossEntropyLoss<float>{}.value_and_grad(h, y, g)));
+  }
+}
+
+TEMPLATE_TEST_CASE("the kernel's exp of shifted logits is exp to ~1 ulp, underflows to 0, keeps NaN", "[comp_sum]",
+                   float, double) {
+  using S = TestType;
+  using Lanes = Eigen::Array<S, detail::kLanes<S>, 1>;
+  constexpr int L = detail::kLanes<S>;
+  const Lanes zero = Lanes::Zero();
+  alignas(64) S x[L], e[L];
+  double worst_ulps = 0;
+  constexpr int kPoints = 1 << 16;
+  for (int k = 0; k < kPoints; k += L) {
+    for (int l = 0; l < L; ++l) x[l] = S(-110.0 * (k + l) / kPoints);  // into float's denormals and beyond
+    detail::exp_shifted(x, zero, e);
+    for (int l = 0; l < L; ++l) {
+      const double exact = std::exp(double(x[l]));
+      const double ulp = std::max(double(std::numeric_limits<S>::denorm_min()),
+                                  double(std::numeric_limits<S>::epsilon()) * exact);
+      worst_ulps = std::max(worst_ulps, std::abs(double(e[l]) - exact) / ulp);
+    }
+  }
+  CHECK(worst_ulps < 2.5);
+  for (int l = 0; l < L; ++l) x[l] = l % 3 == 0 ? S(0) : l % 3 == 1 ? -std::numeric_limits<S>::infinity() : S(NAN);
+  detail::exp_shifted(x, zero, e);
+  for (int l = 0; l < L; ++l) {
+    if (l % 3 == 0) CHECK(e[l] == 1);
+    if (l % 3 == 1) CHECK(e[l] < std::numeric_limits<S>::min());  // 0 (a denormal from Eigen's double exp)
+    if (l % 3 == 2) CHECK(std::isnan(e[l]));
   }
 }
 
