@@ -116,12 +116,11 @@ class CompSumLoss {
     // a tenth of the kernel): the rows counted, and whether a label is out of range, in which
     // case require_labels names it.
     Index counted = 0;
-    bool bad = false;
-    for (Index i = 0; i < n; ++i) {
-      const int y = labels(i);
-      const bool counts = y != options_.ignore_index;
+    unsigned bad = 0;
+    for (const int* y = labels.data(); y != labels.data() + n; ++y) {
+      const unsigned counts = *y != options_.ignore_index;
       counted += counts;
-      bad |= counts & ((y < 0) | (y >= classes));
+      bad |= counts & ((*y < 0) | (*y >= classes));
     }
     if (bad) detail::require_labels(function, "labels", labels, classes, options_.ignore_index, true);
 
