@@ -308,6 +308,83 @@ TEMPLATE_TEST_CASE("AnyLoss multi-class: gradients, one-vs-rest oracle, C = 2 re
   }
 }
 
+// Scalar-loop oracle of (macro) F1 AnyLoss in double: binary for one column, else softmax rows
+// and one-vs-rest classes. Returns the loss and writes the gradient.
+double f1_oracle(const RowMatrix<double>& Z, const Labels& y, double L, bool logits, RowMatrix<double>& grad) {
+  const Index n = Z.rows(), cols = Z.cols(), classes = cols == 1 ? 1 : cols;
+  RowMatrix<double> P(n, cols), A(n, cols);
+  for (Index i = 0; i < n; ++i) {
+    double max = -INFINITY, sum = 0;
+    for (Index c = 0; c < cols; ++c) max = std::max(max, Z(i, c));
+    for (Index c = 0; c < cols; ++c) sum += std::exp(Z(i, c) - max);
+    for (Index c = 0; c < cols; ++c) {
+      P(i, c) = !logits ? Z(i, c) : cols == 1 ? 1 / (1 + std::exp(-Z(i, c))) : std::exp(Z(i, c) - max) / sum;
+      A(i, c) = 1 / (1 + std::exp(-L * (P(i, c) - 0.5)));
+    }
+  }
+  double loss = 0;
+  for (Index c = 0; c < classes; ++c) {
+    double tp = 0, fn = 0, fp = 0;
+    for (Index i = 0; i < n; ++i) {
+      const bool positive = cols == 1 ? y(i) == 1 : y(i) == int(c);
+      (positive ? tp : fp) += A(i, c);
+      if (positive) fn += 1 - A(i, c);
+    }
+    const double d = 2 * tp + fn + fp, m_tp = 2 * (fn + fp) / (d * d), m_fn = -2 * tp / (d * d);
+    loss += 1 - 2 * tp / d;
+    for (Index i = 0; i < n; ++i) {  // dloss/dp; M_FP = M_FN, M_TN = 0
+      const bool positive = cols == 1 ? y(i) == 1 : y(i) == int(c);
+      grad(i, c) = -(positive ? m_tp - m_fn : m_fn) / double(classes) * L * A(i, c) * (1 - A(i, c));
+    }
+  }
+  if (!logits) return loss / double(classes);
+  for (Index i = 0; i < n; ++i) {
+    if (cols == 1) {
+      grad(i, 0) *= P(i, 0) * (1 - P(i, 0));
+      continue;
+    }
+    double dot = 0;
+    for (Index c = 0; c < cols; ++c) dot += P(i, c) * grad(i, c);
+    for (Index c = 0; c < cols; ++c) grad(i, c) = P(i, c) * (grad(i, c) - dot);
+  }
+  return loss / double(classes);
+}
+
+TEMPLATE_TEST_CASE("AnyLoss kernel matches a scalar-loop oracle across packet and block boundaries", "[anyloss]",
+                   float, double) {
+  using S = TestType;
+  const double tol = std::is_same_v<S, float> ? 2e-5 : 1e-11;
+  const double L = 20;
+  // Binary: packets of 8 or 16 and blocks of 256 entries; multi-class: blocks of 256 / C rows,
+  // C above the block (one row per block), and C not a multiple of the packet width.
+  const std::pair<Index, Index> shapes[] = {{15, 1},  {16, 1},  {17, 1},  {31, 1}, {33, 1}, {255, 1},
+                                            {256, 1}, {257, 1}, {513, 1}, {85, 3}, {86, 3}, {171, 3},
+                                            {37, 16}, {19, 17}, {40, 7},  {1, 300}, {3, 300}};
+  for (const auto& [n, c] : shapes) {
+    for (const bool logits : {true, false}) {
+      INFO("N " << n << ", C " << c << (logits ? ", logits" : ", probabilities"));
+      RowMatrix<double> Z = uniform(n, c, -3, 3, unsigned(n * c));
+      if (!logits) Z = c == 1 ? uniform(n, 1, 0, 1, 3) : RowMatrix<double>((Z.array().exp().colwise() /
+                                                                          Z.array().exp().rowwise().sum()).matrix());
+      // Labels: 1 on every third row (binary), i % C (multi-class).
+      const Labels y = make_labels(n, c == 1 ? 2 : c);
+      const RowMatrix<S> Zs = Z.cast<S>();
+      RowMatrix<double> expected(n, c);
+      const double value = f1_oracle(Zs.template cast<double>(), y, L, logits, expected);
+      const AnyLoss<S> loss({.metric = Metric::F1, .amplify = S(L),
+                             .input = logits ? AnyLossInput::Logits : AnyLossInput::Probabilities});
+      // The inputs and the gradient as blocks of wider matrices too (strided rows).
+      RowMatrix<S> wide_z = RowMatrix<S>::Constant(n, c + 3, S(0.25)), wide_grad(n, c + 3), grad(n, c);
+      wide_z.leftCols(c) = Zs;
+      CHECK(double(loss.value_and_grad(Zs, y, grad)) == Approx(value).margin(tol));
+      CHECK(double(loss.value_and_grad(wide_z.leftCols(c), y, wide_grad.leftCols(c))) == Approx(value).margin(tol));
+      const double scale = expected.cwiseAbs().maxCoeff() * (std::is_same_v<S, float> ? 10 : 1);
+      CHECK((grad.template cast<double>() - expected).cwiseAbs().maxCoeff() < tol * scale);
+      CHECK((wide_grad.leftCols(c).template cast<double>() - expected).cwiseAbs().maxCoeff() < tol * scale);
+    }
+  }
+}
+
 TEMPLATE_TEST_CASE("AnyLoss is stable at extreme logits", "[anyloss]", float, double) {
   using S = TestType;
   const Index n = 9;

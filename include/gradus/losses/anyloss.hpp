@@ -149,9 +149,9 @@ SigmoidPair<P> sigmoid_pair(const P& x) {
 // One vectorized pass (the unsigned compare also catches negative labels); the caller then
 // names the first bad label.
 inline bool labels_in_range(const Eigen::Ref<const Labels>& labels, Index classes) {
-  bool out_of_range = false;
-  for (Index i = 0; i < labels.size(); ++i) out_of_range |= unsigned(labels(i)) >= unsigned(classes);
-  return !out_of_range;
+  unsigned largest = 0;
+  for (Index i = 0; i < labels.size(); ++i) largest = std::max(largest, unsigned(labels(i)));
+  return largest < unsigned(classes);
 }
 
 // Fixed-size blocks that stay in L1. Each stage runs over the whole block before the next:
@@ -185,12 +185,12 @@ void binary_block(const S* z, const int* y, Index n, S L, SoftCounts& k, S* weig
   // The block in buffers zero-padded to whole packets; padded lanes count in neither class.
   alignas(64) S p[kAnyLossBlock], not_p[kAnyLossBlock], dp[kAnyLossBlock], a[kAnyLossBlock],
       not_a[kAnyLossBlock], da[kAnyLossBlock], positive[kAnyLossBlock], negative[kAnyLossBlock];
-  for (Index i = 0; i < kAnyLossBlock; ++i) {  // plain loop: the compiler vectorizes it
-    const bool in_block = i < n;
-    p[i] = in_block ? z[i] : S(0);
-    positive[i] = in_block ? S(y[i]) : S(0);
-    negative[i] = in_block ? S(1) - positive[i] : S(0);
+  for (Index i = 0; i < n; ++i) {  // plain loops: the compiler vectorizes them
+    p[i] = z[i];
+    positive[i] = S(y[i]);
+    negative[i] = S(1) - positive[i];
   }
+  for (Index i = n; i < padded; ++i) p[i] = positive[i] = negative[i] = 0;
   if constexpr (Logits) sigmoid_block(p, padded, S(1), S(0), p, not_p, dp);
   sigmoid_block(p, padded, L, S(0.5), a, not_a, da);
   const Array pos(positive, n), neg(negative, n), a_(a, n), not_a_(not_a, n);
