@@ -132,7 +132,7 @@ class BatchSampler {
   void shuffle(Index epoch) {
     epoch_ = epoch;
     std::iota(order_.begin(), order_.end(), Index(0));
-    SplitMix64 rng(options_.seed ^ (0xD1B54A32D192ED03ull * static_cast<std::uint64_t>(epoch + 1)));
+    auto rng = SplitMix64::stream(options_.seed, static_cast<std::uint64_t>(epoch));
     for (std::size_t i = order_.size() - 1; i > 0; --i) std::swap(order_[i], order_[rng.below(i + 1)]);
   }
 

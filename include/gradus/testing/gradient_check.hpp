@@ -23,6 +23,7 @@
 #include <Eigen/Core>
 
 #include "gradus/core/errors.hpp"
+#include "gradus/core/random.hpp"
 
 namespace gradus::testing {
 
@@ -63,18 +64,14 @@ struct GradientCheckReport {
 
 namespace detail {
 
-// Which coordinates to visit: all, or a reproducible random subset (splitmix64 draws).
+// Which coordinates to visit: all, or a reproducible random subset.
 inline std::vector<Eigen::Index> coordinates_to_check(Eigen::Index n, const GradientCheckOptions& options) {
   std::vector<Eigen::Index> order(static_cast<std::size_t>(n));
   for (Eigen::Index i = 0; i < n; ++i) order[static_cast<std::size_t>(i)] = i;
   if (options.max_coordinates <= 0 || options.max_coordinates >= n) return order;
-  std::uint64_t state = options.seed;
+  gradus::detail::SplitMix64 rng(options.seed);
   for (Eigen::Index i = n - 1; i > 0; --i) {  // Fisher-Yates
-    std::uint64_t z = (state += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    z ^= z >> 31;
-    std::swap(order[static_cast<std::size_t>(i)], order[static_cast<std::size_t>(z % static_cast<std::uint64_t>(i + 1))]);
+    std::swap(order[static_cast<std::size_t>(i)], order[static_cast<std::size_t>(rng.below(static_cast<std::uint64_t>(i + 1)))]);
   }
   order.resize(static_cast<std::size_t>(options.max_coordinates));
   return order;

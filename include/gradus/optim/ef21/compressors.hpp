@@ -27,37 +27,13 @@
 #include <Eigen/Core>
 
 #include "gradus/core/errors.hpp"
+#include "gradus/core/random.hpp"
 #include "gradus/core/types.hpp"
 
 namespace gradus::ef21 {
 
-// splitmix64: a tiny, fast generator whose whole state is one integer, so it checkpoints trivially.
-class Rng {
- public:
-  explicit Rng(std::uint64_t seed = 0) : state_(seed) {}
-
-  // An independent-looking stream for (seed, stream), e.g. one per client.
-  static Rng stream(std::uint64_t seed, std::uint64_t stream) {
-    Rng mixer(seed ^ (0xD1B54A32D192ED03ull * (stream + 1)));
-    return Rng(mixer.next());
-  }
-
-  std::uint64_t next() {
-    std::uint64_t z = (state_ += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-  }
-
-  // Uniform in [0, 1) with 53 random bits.
-  double uniform() { return static_cast<double>(next() >> 11) * 0x1.0p-53; }
-
-  std::uint64_t state() const { return state_; }
-  void set_state(std::uint64_t state) { state_ = state; }
-
- private:
-  std::uint64_t state_;
-};
+// Random streams (splitmix64): one integer of state, so rounds checkpoint trivially.
+using Rng = gradus::detail::SplitMix64;
 
 namespace detail {
 
