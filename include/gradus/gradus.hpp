@@ -9,6 +9,7 @@
 #include "gradus/core/concepts.hpp"
 #include "gradus/core/dual.hpp"
 #include "gradus/core/errors.hpp"
+#include "gradus/core/random.hpp"
 #include "gradus/core/types.hpp"
 
 #include "gradus/losses/adversarial.hpp"
