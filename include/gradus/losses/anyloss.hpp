@@ -122,30 +122,6 @@ MetricSlopes metric_slopes(const F& metric, const SoftCounts& k, std::string_vie
   return {m.value, positive, negative};
 }
 
-// The binary kernel works on Eigen's SIMD packets (Packet16f / Packet8d with AVX-512): Eigen's
-// Array expressions would not vectorize the sign select and the int -> S label conversion.
-template <class S>
-using Packet = typename Eigen::internal::packet_traits<S>::type;
-template <class S>
-inline constexpr Index kPacketSize = Eigen::internal::unpacket_traits<Packet<S>>::size;
-
-template <class P>
-struct SigmoidPair {
-  P value, complement;  // s = sigmoid(x) and 1 - s
-};
-
-// From e = exp(-|x|) in (0, 1]: 1/(1+e) and e/(1+e), ordered by the sign of x. One exp and one
-// division, no cancellation in either, exact 0 and 1 at +-inf; NaN propagates.
-template <class P>
-SigmoidPair<P> sigmoid_pair(const P& x) {
-  using namespace Eigen::internal;
-  const P e = pexp(pnegate(pabs(x)));
-  const P large = pdiv(pset1<P>(1), padd(pset1<P>(1), e));
-  const P small = pmul(e, large);
-  const P negative = pcmp_lt(x, pzero(x));
-  return {pselect(negative, small, large), pselect(negative, large, small)};
-}
-
 // One vectorized pass (the unsigned compare also catches negative labels); the caller then
 // names the first bad label.
 inline bool labels_in_range(const Eigen::Ref<const Labels>& labels, Index classes) {
@@ -154,57 +130,50 @@ inline bool labels_in_range(const Eigen::Ref<const Labels>& labels, Index classe
   return largest < unsigned(classes);
 }
 
-// Fixed-size blocks that stay in L1. Each stage runs over the whole block before the next:
-// one packet's exp -> division -> exp chain is long, and independent packets hide its latency.
-inline constexpr int kAnyLossBlock = 256;
-
-inline Index whole_packets(Index n, Index width) { return (n + width - 1) / width * width; }
-
-// s = sigmoid(scale (x - shift)), 1 - s and ds/dx = scale s (1 - s), over `padded` entries
-// (a whole number of packets; the caller pads). With scale = L, shift = 1/2: a = A(p).
-template <class S>
-void sigmoid_block(const S* x, Index padded, S scale, S shift, S* value, S* complement, S* slope) {
-  using namespace Eigen::internal;
-  using P = Packet<S>;
-  const P scale_p = pset1<P>(scale), shift_p = pset1<P>(shift);
-  for (Index i = 0; i < padded; i += kPacketSize<S>) {
-    const auto s = sigmoid_pair(pmul(scale_p, psub(pload<P>(x + i), shift_p)));
-    pstore(value + i, s.value);
-    pstore(complement + i, s.complement);
-    pstore(slope + i, pmul(scale_p, pmul(s.value, s.complement)));
-  }
+// a = A(p) = sigmoid(L (p - 1/2)) and 1 - a, the latter without cancellation (it is ~1e-16
+// for confident samples, and G-mean divides by such sums). One exp, no temporary; an exp
+// that over- or underflows still gives exact 0 and 1.
+template <class P, class A>
+void amplify(const Eigen::ArrayBase<P>& p, typename P::Scalar L, A& a, A& not_a) {
+  using S = typename P::Scalar;
+  a = (-L * (p - S(0.5))).exp();
+  not_a = (S(1) + a.inverse()).inverse();
+  a = (S(1) + a).inverse();
 }
 
+// Fixed-capacity stack arrays: the binary kernel runs in blocks that stay in L1.
+inline constexpr int kAnyLossBlock = 256;
+template <class S>
+using AnyLossBlock = Eigen::Array<S, Eigen::Dynamic, 1, Eigen::ColMajor, kAnyLossBlock, 1>;
+
 // Binary pass 1 over one block: soft counts, and with `weight` the chain factor
-// da_i/dz_i = L a (1 - a) p (1 - p) (or da_i/dp_i without the sigmoid). Float partial sums
-// over the block, added to the double totals once per block.
-template <bool Logits, class S>
-void binary_block(const S* z, const int* y, Index n, S L, SoftCounts& k, S* weight) {
-  using Array = Eigen::Map<const Eigen::Array<S, Eigen::Dynamic, 1>, Eigen::Aligned64>;
-  const Index padded = whole_packets(n, kPacketSize<S>);
-  // The block in buffers zero-padded to whole packets; padded lanes count in neither class.
-  alignas(64) S p[kAnyLossBlock], not_p[kAnyLossBlock], dp[kAnyLossBlock], a[kAnyLossBlock],
-      not_a[kAnyLossBlock], da[kAnyLossBlock], positive[kAnyLossBlock], negative[kAnyLossBlock];
-  for (Index i = 0; i < n; ++i) {  // plain loops: the compiler vectorizes them
-    p[i] = z[i];
-    positive[i] = S(y[i]);
-    negative[i] = S(1) - positive[i];
-  }
-  for (Index i = n; i < padded; ++i) p[i] = positive[i] = negative[i] = 0;
-  if constexpr (Logits) sigmoid_block(p, padded, S(1), S(0), p, not_p, dp);
-  sigmoid_block(p, padded, L, S(0.5), a, not_a, da);
-  const Array pos(positive, n), neg(negative, n), a_(a, n), not_a_(not_a, n);
-  k.tp += static_cast<double>((pos * a_).sum());
-  k.fn += static_cast<double>((pos * not_a_).sum());
-  k.fp += static_cast<double>((neg * a_).sum());
-  k.tn += static_cast<double>((neg * not_a_).sum());
-  k.positives += static_cast<Index>(pos.sum());
-  if (!weight) return;
-  Eigen::Map<Eigen::Array<S, Eigen::Dynamic, 1>> w(weight, n);
-  if constexpr (Logits) {
-    w = Array(da, n) * Array(dp, n);
+// da_i/dz_i = L a (1 - a) p (1 - p) (or da_i/dp_i without the sigmoid).
+template <class S>
+void binary_block(const S* z, const int* y, Index n, S L, bool logits, SoftCounts& k, S* weight) {
+  using Block = AnyLossBlock<S>;
+  const Eigen::Map<const Eigen::Array<S, Eigen::Dynamic, 1>> zb(z, n);
+  Block p(n), not_p(n);
+  if (logits) {  // one exp: e = exp(-z), p = 1/(1+e), 1-p = 1/(1+1/e); exact at z = +-inf
+    const Block e = (-zb).exp();
+    p = (S(1) + e).inverse();
+    not_p = (S(1) + e.inverse()).inverse();
   } else {
-    w = Array(da, n);
+    p = zb;
+    not_p = S(1) - zb;
+  }
+  Block a(n), not_a(n);
+  amplify(p, L, a, not_a);
+  const Block positive = Eigen::Map<const Eigen::ArrayXi>(y, n).template cast<S>();
+  const Block negative = S(1) - positive;
+  k.tp += static_cast<double>((positive * a).sum());
+  k.fn += static_cast<double>((positive * not_a).sum());
+  k.fp += static_cast<double>((negative * a).sum());
+  k.tn += static_cast<double>((negative * not_a).sum());
+  k.positives += static_cast<Index>(positive.sum());
+  if (weight != nullptr) {
+    Eigen::Map<Eigen::Array<S, Eigen::Dynamic, 1>> w(weight, n);
+    w = L * a * not_a;
+    if (logits) w *= p * not_p;
   }
 }
 
@@ -228,12 +197,7 @@ class SoftConfusion {
     SoftCounts counts;
     for (Index start = 0; start < n; start += kAnyLossBlock) {
       const Index size = std::min<Index>(kAnyLossBlock, n - start);
-      S* block_weight = weight ? weight + start : nullptr;
-      if (logits) {
-        binary_block<true>(z + start, labels.data() + start, size, L, counts, block_weight);
-      } else {
-        binary_block<false>(z + start, labels.data() + start, size, L, counts, block_weight);
-      }
+      binary_block(z + start, labels.data() + start, size, L, logits, counts, weight ? weight + start : nullptr);
     }
     counts.negatives = n - counts.positives;
     return counts;
@@ -250,8 +214,8 @@ class SoftConfusion {
   }
 
   // Multi-class: per class c the counts TP, FN, FP, TN of the one-vs-rest problem. Blocks of
-  // rows run flat through the packet kernel (C is often below a packet's width, so row-wise
-  // packets would idle); then each row's label entry moves to TP and FN (zeroed before the
+  // rows run flat through A (C is often below a packet's width: row by row, Eigen would run
+  // scalar code); then each row's label entry moves to TP and FN (zeroed before the
   // column sums, so nothing cancels) and the column sums go to FP and TN.
   // dZ receives da_ic/dp_ic = L a (1 - a).
   void multiclass_counts(const Eigen::Ref<const RowMatrix<S>>& Z, const Eigen::Ref<const Labels>& labels, S L,
@@ -262,26 +226,28 @@ class SoftConfusion {
     counts_.setZero(classes, 4);
     positives_.setZero(classes);
     const Index rows = std::max<Index>(1, kAnyLossBlock / classes);
-    const Index padded = whole_packets(rows * classes, kPacketSize<S>);
-    block_.setZero(padded, 4);  // p, a, 1 - a, L a (1 - a); aligned columns (padded is a whole packet count)
-    using Block = Eigen::Map<Eigen::Array<S, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>;
+    block_.resize(rows * classes, 3);  // no-op after the first call at a given C
+    using Flat = Eigen::Map<Eigen::Array<S, Eigen::Dynamic, 1>>;
+    using Rows = Eigen::Map<Eigen::Array<S, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>;
     for (Index start = 0; start < n; start += rows) {
-      const Index r = std::min(rows, n - start);
-      Block p(block_.col(0).data(), r, classes), a(block_.col(1).data(), r, classes),
-          not_a(block_.col(2).data(), r, classes), slope(block_.col(3).data(), r, classes);
-      p = P.middleRows(start, r).array();
-      sigmoid_block(p.data(), whole_packets(r * classes, kPacketSize<S>), L, S(0.5), a.data(), not_a.data(),
-                    slope.data());
-      if (dZ) dZ->middleRows(start, r) = slope.matrix();
+      const Index r = std::min(rows, n - start), size = r * classes;
+      Flat p(block_.col(0).data(), size), a(block_.col(1).data(), size), not_a(block_.col(2).data(), size);
+      Rows(p.data(), r, classes) = P.middleRows(start, r).array();
+      amplify(p, L, a, not_a);
+      if (dZ) {
+        p = L * a * not_a;
+        dZ->middleRows(start, r) = Rows(p.data(), r, classes).matrix();
+      }
+      Rows A(a.data(), r, classes), not_A(not_a.data(), r, classes);
       for (Index i = 0; i < r; ++i) {
         const int y = labels(start + i);
-        counts_(y, 0) += static_cast<double>(a(i, y));
-        counts_(y, 1) += static_cast<double>(not_a(i, y));
-        a(i, y) = not_a(i, y) = 0;
+        counts_(y, 0) += static_cast<double>(A(i, y));
+        counts_(y, 1) += static_cast<double>(not_A(i, y));
+        A(i, y) = not_A(i, y) = 0;
         ++positives_(y);
       }
-      counts_.col(2) += a.colwise().sum().transpose().template cast<double>();
-      counts_.col(3) += not_a.colwise().sum().transpose().template cast<double>();
+      counts_.col(2) += A.colwise().sum().transpose().template cast<double>();
+      counts_.col(3) += not_A.colwise().sum().transpose().template cast<double>();
     }
   }
 
@@ -332,7 +298,7 @@ class SoftConfusion {
   RowMatrix<S> probabilities_;
   Eigen::Array<double, Eigen::Dynamic, 4> counts_;
   Eigen::Array<Index, Eigen::Dynamic, 1> positives_;
-  Eigen::Array<S, Eigen::Dynamic, 4> block_;
+  Eigen::Array<S, Eigen::Dynamic, 3> block_;  // one block of rows, flat: p (then da/dp), a, 1 - a
 };
 
 }  // namespace detail
