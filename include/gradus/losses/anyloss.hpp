@@ -283,10 +283,16 @@ class SoftConfusion {
   void softmax_rows(const Eigen::Ref<const RowMatrix<S>>& Z) {
     probabilities_.resize(Z.rows(), Z.cols());  // no-op after the first call at a given shape
     const Index classes = Z.cols();
-    for (Index i = 0; i < Z.rows(); ++i) probabilities_.row(i) = Z.row(i).array() - Z.row(i).maxCoeff();
+    for (Index i = 0; i < Z.rows(); ++i) {  // plain loops over a row: see multiclass_grad
+      const S* z = Z.row(i).data();
+      S* p = probabilities_.row(i).data();
+      S max = z[0];
+      for (Index c = 1; c < classes; ++c) max = std::max(max, z[c]);
+      for (Index c = 0; c < classes; ++c) p[c] = z[c] - max;
+    }
     probabilities_.array() = probabilities_.array().exp();
     for (Index i = 0; i < Z.rows(); ++i) {
-      S* p = &probabilities_(i, 0);
+      S* p = probabilities_.row(i).data();
       S sum = 0;
       for (Index c = 0; c < classes; ++c) sum += p[c];
       for (Index c = 0; c < classes; ++c) p[c] /= sum;
