@@ -47,16 +47,20 @@ class RatioReporter : public benchmark::ConsoleReporter {
   void ReportRuns(const std::vector<Run>& runs) override {
     ConsoleReporter::ReportRuns(runs);
     for (const auto& run : runs) {
-      if (run.error_occurred || run.run_type != Run::RT_Iteration) continue;
-      const std::string name = run.benchmark_name();
+      // One time per benchmark: the median when repetitions ran, else the single run.
+      const bool median = run.run_type == Run::RT_Aggregate && run.aggregate_name == "median";
+      if (run.error_occurred || (run.run_type != Run::RT_Iteration && !median)) continue;
+      const std::string name = run.run_name.str();
       const auto first = name.find('/');
       const auto second = name.find('/', first + 1);
       if (first == std::string::npos || second == std::string::npos) continue;
       const std::string key = name.substr(0, first) + " " + name.substr(second + 1);
-      times_[key][name.substr(first + 1, second - first - 1)] = run.GetAdjustedRealTime();
+      times_[key][name.substr(first + 1, second - first - 1)] = {run.GetAdjustedRealTime(), run.GetAdjustedCPUTime()};
     }
   }
 
+  // Ratios of real time and of CPU time: on a shared machine the CPU-time ratio of a
+  // single-threaded kernel is the steadier of the two.
   void Finalize() override {
     ConsoleReporter::Finalize();
     bool header = false;
@@ -64,19 +68,22 @@ class RatioReporter : public benchmark::ConsoleReporter {
       for (const auto& ratio : ratios_) {
         const auto v = variants.find(ratio.variant);
         const auto b = variants.find(ratio.baseline);
-        if (v == variants.end() || b == variants.end() || v->second <= 0) continue;
-        if (!header) std::printf("\nThroughput ratios (same run):\n");
+        if (v == variants.end() || b == variants.end() || v->second.real <= 0 || v->second.cpu <= 0) continue;
+        if (!header) std::printf("\nThroughput ratios (same run; baseline time / variant time):\n");
         header = true;
-        std::printf("  %-40s %-10s / %-10s = %6.2fx\n", key.c_str(), ratio.variant.c_str(), ratio.baseline.c_str(),
-                    b->second / v->second);
+        std::printf("  %-40s %-12s / %-12s = %6.2fx real, %6.2fx cpu\n", key.c_str(), ratio.variant.c_str(),
+                    ratio.baseline.c_str(), b->second.real / v->second.real, b->second.cpu / v->second.cpu);
       }
     }
     std::fflush(stdout);
   }
 
  private:
+  struct Times {
+    double real, cpu;
+  };
   std::vector<Ratio> ratios_;
-  std::map<std::string, std::map<std::string, double>> times_;
+  std::map<std::string, std::map<std::string, Times>> times_;
 };
 
 inline int run(int argc, char** argv, std::vector<Ratio> ratios) {
