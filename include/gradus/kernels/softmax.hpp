@@ -230,15 +230,23 @@ struct BlockTranspose {
   }
 
   static void store(const S* t, Index n, Index count, S* g, Index ld) {
-    alignas(64) S rows[L * kSmallClasses];  // rows[l * padded(n) + c]
-    const Index width = padded(n);
+    // A full contiguous block of rows shorter than a packet is packed in the buffer (each row
+    // overwrites the previous one's padding) and written as L n / P whole packets, instead of
+    // L unaligned row stores that mostly straddle cache lines.
+    const bool packed = count == L && ld == n && n <= P;
+    alignas(64) S rows[L * kSmallClasses];  // rows[l * width + c]
+    const Index width = packed ? n : padded(n);
     for (int h = 0; h < L; h += P) {
       for (Index c0 = 0; c0 < n; c0 += P) {
         Eigen::internal::PacketBlock<Packet, P> block;
         for (int c = 0; c < P; ++c) block.packet[c] = Eigen::internal::pload<Packet>(t + std::min<Index>(c0 + c, n - 1) * L + h);
         Eigen::internal::ptranspose(block);
-        for (int l = 0; l < P; ++l) Eigen::internal::pstore(rows + (h + l) * width + c0, block.packet[l]);
+        for (int l = 0; l < P; ++l) Eigen::internal::pstoreu(rows + (h + l) * width + c0, block.packet[l]);
       }
+    }
+    if (packed) {
+      for (Index k = 0; k < L * n; k += P) Eigen::internal::pstoreu(g + k, Eigen::internal::pload<Packet>(rows + k));
+      return;
     }
     const Index end = (count - 1) * ld + n;  // one past the block's last element
     for (Index l = 0; l < count; ++l) {
@@ -277,6 +285,19 @@ S comp_sum_block(const CompSumJob<S>& job, Index first, Index count) {
   const Index n = job.cols;
   auto v = [&](Index c) { return job.class_weight ? job.class_weight[c] : S(1); };
   alignas(64) S t[kSmallClasses * L];  // t[c * L + l]: class c of row first + l
+  // The block is compute-bound, yet on large inputs the hardware prefetchers (of the AMD EPYC
+  // VM this was tuned on) leave it waiting for memory (1.4x slower): the block four ahead is
+  // requested, its logits for reading and its gradient for writing. (Written inline: GCC 12
+  // deletes the same loops moved into a helper function.)
+  constexpr Index kAhead = 4 * L, kLine = 64 / Index(sizeof(S));
+  if (first + kAhead + L <= job.rows) {
+    const S* x = job.logits + (first + kAhead) * job.ld_logits;
+    for (Index k = 0; k < L * job.ld_logits; k += kLine) __builtin_prefetch(x + k);
+    if (job.grad != nullptr) {
+      S* g = job.grad + (first + kAhead) * job.ld_grad;
+      for (Index k = 0; k < L * job.ld_grad; k += kLine) __builtin_prefetch(g + k, 1);
+    }
+  }
   using Transpose = BlockTranspose<S>;
   Transpose::load(job.logits + first * job.ld_logits, job.ld_logits, n, count,
                   Transpose::can_load(first, job.rows, n, job.ld_logits), t);
