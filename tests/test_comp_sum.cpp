@@ -273,6 +273,44 @@ TEMPLATE_TEST_CASE("logits may be expressions, column-major or the gradient buff
   }
 }
 
+TEMPLATE_TEST_CASE("few-class blocks (packet transposes, packed stores, prefetch) match rows one at a time",
+                   "[comp_sum]", float, double) {
+  using S = TestType;
+  // A single row goes through the element-by-element transposes: the oracle for whole blocks,
+  // partial last blocks, and enough rows (333) for the prefetch of the block four ahead.
+  for (Index c : {1, 2, 3, 7, 8, 9, 10, 15}) {
+    for (Index n : {1, 31, 32, 33, 200, 333}) {
+      auto h = random_logits<S>(n, c, 3.0, unsigned(c * 1000 + n));
+      Labels y = random_labels(n, c, unsigned(c + n));
+      for (Index i = 0; i < n; i += 7) y(i) = -100;
+      const Vector<S> weight = (random_logits<S>(1, c, 1.0, 3).array().abs() + S(0.1)).transpose();
+      for (const CompSumOptions<S>& options :
+           {CompSumOptions<S>{.tau = 1, .reduction = Reduction::Sum, .weight = weight, .label_smoothing = S(0.1)},
+            CompSumOptions<S>{.tau = S(1.5), .reduction = Reduction::Sum}}) {
+        const CompSumLoss<S> loss(options);
+        RowMatrix<S> g(n, c), g_row(1, c), expected(n, c);
+        double expected_value = 0;
+        for (Index i = 0; i < n; ++i) {
+          expected_value += loss.value_and_grad(h.row(i), y.segment(i, 1), g_row);
+          expected.row(i) = g_row;
+        }
+        INFO(n << " x " << c << ", tau " << options.tau);
+        const S tolerance = 8 * std::numeric_limits<S>::epsilon();
+        CHECK(loss.value_and_grad(h, y, g) == Approx(expected_value).epsilon(tolerance));
+        CHECK(g.isApprox(expected, tolerance));
+        RowMatrix<S> in_place = h;
+        CHECK(loss.value_and_grad(in_place, y, in_place) == Approx(expected_value).epsilon(tolerance));
+        CHECK(in_place.isApprox(expected, tolerance));
+        RowMatrix<S> wide = RowMatrix<S>::Constant(n, c + 3, 5), g_wide = RowMatrix<S>::Constant(n, c + 3, 7);
+        wide.leftCols(c) = h;
+        CHECK(loss.value_and_grad(wide.leftCols(c), y, g_wide.leftCols(c)) == Approx(expected_value).epsilon(tolerance));
+        CHECK(g_wide.leftCols(c).isApprox(expected, tolerance));
+        CHECK((g_wide.rightCols(3).array() == 7).all());
+      }
+    }
+  }
+}
+
 TEST_CASE("bad input throws gradus::invalid_argument naming the argument", "[comp_sum]") {
   const auto h = random_logits<float>(4, 3, 1.0, 1);
   Labels y(4);
