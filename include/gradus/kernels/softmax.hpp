@@ -290,7 +290,7 @@ S comp_sum_block(const CompSumJob<S>& job, Index first, Index count) {
   // requested, its logits for reading and its gradient for writing. (Written inline: GCC 12
   // deletes the same loops moved into a helper function.)
   constexpr Index kAhead = 4 * L, kLine = 64 / Index(sizeof(S));
-  if (first + kAhead + L <= job.rows) {
+  if (first + kAhead + L < job.rows) {  // < : the prefetched range stays inside the matrix
     const S* x = job.logits + (first + kAhead) * job.ld_logits;
     for (Index k = 0; k < L * job.ld_logits; k += kLine) __builtin_prefetch(x + k);
     if (job.grad != nullptr) {
