@@ -27,6 +27,7 @@
 #include <Eigen/Core>
 
 #include "gradus/core/types.hpp"
+#include "gradus/kernels/logistic.hpp"
 
 #ifdef GRADUS_OPENMP
 #include <omp.h>
@@ -90,32 +91,6 @@ CompSumTerms<A> comp_sum_terms(const CompSumJob<S>& job, const A& lp, const A& l
 #if defined(__GNUC__)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wignored-attributes"
-#endif
-
-// exp of shifted logits x <= 0 (or NaN, which stays NaN): Eigen's pexp, except for AVX-512
-// floats, where exp is most of the kernel's work. There the same Cephes polynomial gets the
-// power of two from vscalefps (which also rounds underflow to denormals or 0) and needs no
-// upper clamp: 14 instructions instead of 19, and a two-part ln 2 keeps r exact to ~1 ulp.
-template <class Packet>
-Packet pexp_nonpositive(const Packet& x) {
-  return Eigen::internal::pexp(x);
-}
-#ifdef EIGEN_VECTORIZE_AVX512
-inline __m512 pexp_nonpositive(const __m512& x) {
-  // Below -104, exp(x) < 2^-150 rounds to 0; max keeps NaN (its second operand).
-  const __m512 v = _mm512_max_ps(_mm512_set1_ps(-104.0f), x);
-  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), v);  // r = v - k ln 2, |r| <= ln 2 / 2
-  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.9875691500e-4f), r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));  // exp(r)
-  return _mm512_scalef_ps(p, k);
-}
 #endif
 
 // e = exp(x - m) over the whole packets of the lanes array m (x and e may be the same).
