@@ -264,6 +264,46 @@ TEMPLATE_TEST_CASE("preference losses stay finite and right at extreme margins",
   CHECK(tiny(0) == Approx(std::exp(-40.0)).epsilon(1e-5));
 }
 
+// The batched DPO value takes the softplus sums as one product per lane (not a log per pair):
+// it must keep each term's relative accuracy, also where every loss is tiny and 1 + e^-t rounds to 1.
+TEMPLATE_TEST_CASE("batched DPO values keep full relative accuracy at every margin", "[preference][numerics]", float,
+                   double) {
+  using S = TestType;
+  const S beta = S(0.5);
+  const double tolerance = std::is_same_v<S, float> ? 2e-6 : 1e-13;
+  for (const auto& [low, high] : {std::pair{-60.0, 60.0}, std::pair{15.0, 60.0}, std::pair{-1.0, 1.0}}) {
+    for (const Eigen::Index n : {1000, 5000}) {
+      INFO("margins in [" << low << ", " << high << "], n=" << n);
+      const Eigen::VectorXd t = Eigen::VectorXd::LinSpaced(n, low, high);
+      const Vector<S> pc = (t / double(beta)).cast<S>(), pr = Vector<S>::Zero(n);
+      long double exact = 0;
+      for (Eigen::Index i = 0; i < n; ++i) {
+        const long double ti = static_cast<long double>(beta) * static_cast<long double>(pc(i));
+        exact += std::max(-ti, 0.0L) + std::log1p(std::exp(-std::abs(ti)));
+      }
+      const PreferenceLoss<S> dpo({.beta = beta, .reduction = Reduction::Sum});
+      CHECK(static_cast<double>(dpo.value(pc, pr)) == Approx(static_cast<double>(exact)).epsilon(tolerance));
+      Vector<S> per_pair(n);
+      dpo.values(pc, pr, per_pair);  // the per-pair path, log1p by a series
+      CHECK(static_cast<double>(per_pair.sum()) == Approx(static_cast<double>(exact)).epsilon(tolerance));
+    }
+  }
+  // Infinite and NaN margins inside whole packets: +inf margin adds 0, -inf gives +inf, NaN gives NaN.
+  Vector<S> pc = Vector<S>::Zero(40), pr = Vector<S>::Zero(40), dpc(40), dpr(40);
+  const PreferenceLoss<S> dpo({.beta = beta, .reduction = Reduction::Sum});
+  const S reference = dpo.value(pc, pr);
+  pc(3) = std::numeric_limits<S>::infinity();
+  CHECK(dpo.value_and_grad(pc, pr, dpc, dpr) == Approx(reference - std::log(S(2))));
+  CHECK(dpc(3) == Approx(0).margin(1e-300));  // a denormal in double
+  pc(5) = -std::numeric_limits<S>::infinity();
+  CHECK(dpo.value_and_grad(pc, pr, dpc, dpr) == std::numeric_limits<S>::infinity());
+  CHECK(dpc(5) == -beta);
+  pc(20) = std::numeric_limits<S>::quiet_NaN();
+  CHECK(std::isnan(dpo.value_and_grad(pc, pr, dpc, dpr)));
+  CHECK(std::isnan(dpc(20)));
+  CHECK(dpc(21) == Approx(-beta / 2));
+}
+
 TEST_CASE("reductions, reference-free mode, reference gradients and metrics", "[preference]") {
   const Batch batch = random_batch(K::Sigmoid, 50, 3);
   const Eigen::Index n = 50;

@@ -52,6 +52,7 @@
 
 #include "gradus/core/errors.hpp"
 #include "gradus/core/types.hpp"
+#include "gradus/kernels/logistic.hpp"
 
 namespace gradus {
 
@@ -256,22 +257,20 @@ class PreferenceLoss {
     detail::require_size(function, argument, x.size(), n, "entries (size of policy_chosen)");
   }
 
-  // sp(x) = log(1 + e^x) = max(x, 0) + log1p(e) and sigma(x) = 1/(1 + e^-x) = (x >= 0 ? 1 : e) r
-  // from one e = e^-|x| in (0, 1] and r = 1/(1 + e), finite for every finite x. As e <= 1,
-  // log1p(e) = 2 atanh(s) = 2 s sum_k s^2k / (2k + 1) with s = e/(2 + e) <= 1/3: a short
-  // series without the range reduction of a general log, and accurate for tiny e.
-  // One division gives both r and s: q = 1/((1 + e)(2 + e)).
+  // sp(x) = log(1 + e^x) = max(x, 0) + log1p(e) with e = e^-|x| in (0, 1], and sigma(x), per
+  // pair. As e <= 1, log1p(e) = 2 atanh(s) = 2 s sum_k s^2k / (2k + 1) with s = e/(2 + e) <= 1/3:
+  // a short series without the range reduction of a general log, and accurate for tiny e.
+  // sigma is the one of detail::plogistic, as on the hot path, so both paths agree bitwise.
   EIGEN_ALWAYS_INLINE static void softplus(const Chunk& x, Chunk& value, Chunk& sigmoid) {
     using namespace Eigen::internal;
-    const Packet zero = pset1<Packet>(S(0)), one = pset1<Packet>(S(1)), two = pset1<Packet>(S(2));
+    const Packet zero = pset1<Packet>(S(0)), two = pset1<Packet>(S(2));
     for (Index k = 0; k < kLanes; k += kPacket) {
       const Packet xk = ploadu<Packet>(x.data() + k);
-      const Packet e = pexp(pnegate(pabs(xk)));
-      const Packet u = padd(one, e), v = padd(two, e), q = pdiv(one, pmul(u, v));
-      const Packet r = pmul(q, v), s = pmul(e, pmul(q, u)), z = pmul(s, s);
+      const auto l = detail::plogistic(xk);
+      const Packet s = pdiv(l.e, padd(two, l.e)), z = pmul(s, s);
       Packet series = pset1<Packet>(S(1) / S(2 * kAtanhTerms - 1));
       for (int j = kAtanhTerms - 2; j >= 0; --j) series = pmadd(series, z, pset1<Packet>(S(1) / S(2 * j + 1)));
-      pstoreu(sigmoid.data() + k, pselect(pcmp_le(zero, xk), r, pmul(e, r)));
+      pstoreu(sigmoid.data() + k, l.sigma);
       pstoreu(value.data() + k, padd(pmax(xk, zero), pmul(padd(s, s), series)));
     }
   }
@@ -289,19 +288,67 @@ class PreferenceLoss {
            sorts(kind);
   }
 
+  // c of the DPO family's sp(-t) + c t.
+  S dpo_linear_term() const {
+    const S eps = options_.epsilon;
+    return options_.kind == PreferenceKind::Sigmoid  ? S(0)
+           : options_.kind == PreferenceKind::Robust ? -eps / (1 - 2 * eps)
+                                                     : eps;
+  }
+
   // The DPO family, the hot path, are all sp(-t) + c t: the DPO loss plus a linear term
   // (rDPO pushes on, cDPO holds back).
   EIGEN_ALWAYS_INLINE void dpo_family(const Chunk& a, const Chunk& b, Chunk& loss, Chunk& da, Chunk& db) const {
-    const S beta = options_.beta, eps = options_.epsilon;
-    const S c = options_.kind == PreferenceKind::Sigmoid  ? S(0)
-                : options_.kind == PreferenceKind::Robust ? -eps / (1 - 2 * eps)
-                                                          : eps;
+    const S beta = options_.beta, c = dpo_linear_term();
     const Chunk t = beta * (a - b);
     Chunk sp, sigma;
     softplus(-t, sp, sigma);
     loss = sp + c * t;
     da = beta * (c - sigma);
     db = -da;
+  }
+
+  // The DPO family's hot path: value, gradients and metrics of the whole packets of pairs,
+  // one packet at a time; the softplus terms go through SoftplusSum (a product per packet
+  // instead of a log). Adds to the sums; returns the number of pairs done.
+  template <class A>
+  Index dpo_packets(const S* pc, const S* pr, const S* rc, const S* rr, Index n, S scale, const Outputs& out,
+                    A& total, A& chosen, A& rejected, A& correct) const {
+    using namespace Eigen::internal;
+    const Packet beta = pset1<Packet>(options_.beta), c = pset1<Packet>(dpo_linear_term());
+    const Packet slope = pset1<Packet>(scale * options_.beta), one = pset1<Packet>(S(1)), zero = pzero(one);
+    constexpr Index kStride = detail::SoftplusSum<Packet>::kMaxTerms * kPacket;
+    const Index whole = n / kPacket * kPacket;
+    for (Index block = 0; block < whole; block += kStride) {
+      const Index end = std::min(whole, block + kStride);
+      detail::SoftplusSum<Packet> softplus;
+      Packet t_lanes = zero, chosen_lanes = zero, rejected_lanes = zero, correct_lanes = zero;
+      for (Index i = block; i < end; i += kPacket) {
+        const Packet a = psub(ploadu<Packet>(pc + i), ploadu<Packet>(rc + i));
+        const Packet b = psub(ploadu<Packet>(pr + i), ploadu<Packet>(rr + i));
+        const Packet t = pmul(beta, psub(a, b));
+        const Packet sigma = softplus.add(pnegate(t));  // loss sp(-t) + c t
+        t_lanes = padd(t_lanes, t);
+        if (out.metrics) {
+          chosen_lanes = padd(chosen_lanes, a);
+          rejected_lanes = padd(rejected_lanes, b);
+          correct_lanes = padd(correct_lanes, pand(pcmp_lt(b, a), one));
+        }
+        if (out.dpolicy_chosen) {
+          const Packet da = pmul(slope, psub(c, sigma)), db = pnegate(da);
+          pstoreu(out.dpolicy_chosen + i, da);
+          pstoreu(out.dpolicy_rejected + i, db);
+          if (out.dreference_chosen) pstoreu(out.dreference_chosen + i, db);
+          if (out.dreference_rejected) pstoreu(out.dreference_rejected + i, da);
+        }
+      }
+      total += softplus.flush();
+      if (dpo_linear_term() != 0) total += A(dpo_linear_term()) * A(predux(t_lanes));  // DPO: no 0 * inf
+      chosen += predux(chosen_lanes);
+      rejected += predux(rejected_lanes);
+      correct += predux(correct_lanes);
+    }
+    return whole;
   }
 
   // Per-pair losses of a chunk and their partial derivatives in a and b.
@@ -405,14 +452,27 @@ class PreferenceLoss {
     keys.swap(sorted);
   }
 
+  // A contiguous view of an input vector: a copy only for expressions and strided vectors.
+  template <class X>
+  static Eigen::Ref<const Vector<S>> contiguous(const X& x) {
+    if constexpr (X::ColsAtCompileTime != 1) {
+      return x.transpose();
+    } else {
+      return x;
+    }
+  }
+
   template <class PC, class PR, class RC, class RR>
-  S run(const char* function, const PC& pc, const PR& pr, const RC& rc, const RR& rr, Outputs out) const {
-    const Index n = pc.size();
+  S run(const char* function, const PC& policy_chosen, const PR& policy_rejected, const RC& reference_chosen,
+        const RR& reference_rejected, Outputs out) const {
+    const Index n = policy_chosen.size();
     detail::require_nonempty(function, "policy_chosen", n, "pairs");
-    require_input(function, "policy_chosen", pc, n);
-    require_input(function, "policy_rejected", pr, n);
-    require_input(function, "reference_chosen", rc, n);
-    require_input(function, "reference_rejected", rr, n);
+    require_input(function, "policy_chosen", policy_chosen, n);
+    require_input(function, "policy_rejected", policy_rejected, n);
+    require_input(function, "reference_chosen", reference_chosen, n);
+    require_input(function, "reference_rejected", reference_rejected, n);
+    const auto pc = contiguous(policy_chosen), pr = contiguous(policy_rejected);
+    const auto rc = contiguous(reference_chosen), rr = contiguous(reference_rejected);
 
     const PreferenceKind kind = options_.kind;
     Sorted sorted;
@@ -433,9 +493,14 @@ class PreferenceLoss {
     // Sums in double (or wider S): N may be large.
     using Accumulator = decltype(S() + double());
     Accumulator total = 0, chosen = 0, rejected = 0, correct = 0;
-    // The DPO family, the hot path, gets a loop of its own with its kernel inlined.
+    // The DPO family without per-pair values, the hot path, runs its whole packets apart.
+    Index done = 0;
+    if (in_dpo_family(kind) && !sorts(kind) && !out.per_pair) {
+      done = dpo_packets(pc.data(), pr.data(), rc.data(), rr.data(), n, scale, out, total, chosen, rejected, correct);
+    }
+    // The rest chunk by chunk, any kind.
     auto pass = [&](auto kernel) {
-      for (Index block = 0; block < n; block += kBlock) {
+      for (Index block = done; block < n; block += kBlock) {
         const Index end = std::min(n, block + kBlock);
         Chunk total_lanes = Chunk::Zero(), chosen_lanes = Chunk::Zero(), rejected_lanes = Chunk::Zero();
         for (Index start = block; start < end; start += kLanes) {
