@@ -355,11 +355,13 @@ TEMPLATE_TEST_CASE("AnyLoss kernel matches a scalar-loop oracle across packet an
   using S = TestType;
   const double tol = std::is_same_v<S, float> ? 2e-5 : 1e-11;
   const double L = 20;
-  // Binary: packets of 8 or 16 and blocks of 256 entries; multi-class: blocks of 256 / C rows,
-  // C above the block (one row per block), and C not a multiple of the packet width.
-  const std::pair<Index, Index> shapes[] = {{15, 1},  {16, 1},  {17, 1},  {31, 1}, {33, 1}, {255, 1},
-                                            {256, 1}, {257, 1}, {513, 1}, {85, 3}, {86, 3}, {171, 3},
-                                            {37, 16}, {19, 17}, {40, 7},  {1, 300}, {3, 300}};
+  // Binary: packets of 8 or 16, a partial last packet, and blocks of 256 entries; multi-class:
+  // blocks of 256 / C rows, C above the block (one row per block), and C not a multiple of the
+  // packet width.
+  const std::pair<Index, Index> shapes[] = {{1, 1},    {7, 1},   {15, 1},  {16, 1},  {17, 1},  {31, 1},
+                                            {33, 1},   {255, 1}, {256, 1}, {257, 1}, {513, 1}, {1000, 1},
+                                            {1001, 1}, {85, 3},  {86, 3},  {171, 3}, {37, 16}, {19, 17},
+                                            {40, 7},   {1, 300}, {3, 300}};
   for (const auto& [n, c] : shapes) {
     for (const bool logits : {true, false}) {
       INFO("N " << n << ", C " << c << (logits ? ", logits" : ", probabilities"));
@@ -406,6 +408,93 @@ TEMPLATE_TEST_CASE("AnyLoss is stable at extreme logits", "[anyloss]", float, do
   const S value = AnyLoss<S>({.metric = Metric::BalancedAccuracy}).value_and_grad(Z, make_labels(n, 3), dZ);
   CHECK(std::isfinite(value));
   CHECK(dZ.allFinite());
+}
+
+TEMPLATE_TEST_CASE("AnyLoss at infinite logits is exact: the loss of probabilities 0 and 1", "[anyloss]", float,
+                   double) {
+  using S = TestType;
+  const S inf = std::numeric_limits<S>::infinity();
+  const S extremes[] = {inf, -inf, S(1e4), S(-1e4), S(200), S(-200)};
+  for (const Index n : {1, 7, 15, 16, 17, 31, 33, 1000, 1001}) {
+    Vector<S> z(n), p(n);
+    for (Index i = 0; i < n; ++i) {
+      z(i) = extremes[(i * 7 + i / 3) % 6];
+      p(i) = z(i) > 0 ? S(1) : S(0);
+    }
+    const Labels y = make_labels(n, 2);
+    const Soft k = soft_counts(p.template cast<double>(), y, 73);
+    for (const Metric metric : kMetrics) {
+      if (needs_both_classes(metric) && (k.positives == 0 || k.negatives == 0)) continue;
+      INFO("metric " << int(metric) << ", N " << n);
+      Vector<S> grad(n), probability_grad(n);
+      const S value = AnyLoss<S>({.metric = metric}).value_and_grad(z, y, grad);
+      const S exact = AnyLoss<S>({.metric = metric, .input = AnyLossInput::Probabilities}).value(p, y);
+      CHECK(value == exact);  // a = A(sigmoid(+-inf)) = A(1) or A(0) to the last bit
+      CHECK(double(value) == Approx(1 - ConfusionMetric{metric}(k.tp, k.fn, k.fp, k.tn)).margin(1e-6));
+      // The chain factor p (1 - p) vanishes: 0 in float; in double ~1e-87 at |z| = 200 and ~1e-309
+      // at |z| = 1e4 or inf, where Eigen's double exp underflows to 2^-1024, not to 0.
+      CHECK(grad.template cast<double>().cwiseAbs().maxCoeff() <= (std::is_same_v<S, float> ? 0 : 1e-80));
+    }
+  }
+}
+
+TEMPLATE_TEST_CASE("AnyLoss sums 1 - a as such: a tiny TN stays exact", "[anyloss]", float, double) {
+  using S = TestType;
+  // All samples confidently positive: 1 - a = e / (1 + e), e = exp(-L/2) ~ 1e-16 for L = 73, on
+  // every negative; log(TN) would be -inf if 1 - a were formed by a subtraction.
+  const auto log_tn = [](auto, auto, auto, auto tn) {
+    using std::log;
+    return log(tn);
+  };
+  const double e = std::exp(-73.0 / 2), tiny = e / (1 + e);
+  for (const Index n : {7, 17, 1001}) {
+    const Labels y = make_labels(n, 2);
+    const double negatives = double((y.array() == 0).count());
+    INFO("N " << n);
+    const Vector<S> z = Vector<S>::Constant(n, S(1e4));
+    Vector<S> grad(n);
+    const double value = any_loss<S>(log_tn).value_and_grad(z, y, grad);
+    CHECK(value == Approx(1 - std::log(negatives * tiny)).epsilon(std::is_same_v<S, float> ? 1e-6 : 1e-13));
+    CHECK(grad.allFinite());
+    // Multi-class: every row predicted class 0, so class 0's TN is tiny and the others' are not.
+    const Index classes = 3;
+    RowMatrix<S> Z = RowMatrix<S>::Constant(n, classes, S(-1e4));
+    Z.col(0).setConstant(S(1e4));
+    const Labels yc = make_labels(n, classes);
+    double expected = 0;
+    for (Index c = 0; c < classes; ++c) {
+      const double others = double((yc.array() != int(c)).count());
+      expected += std::log(others * (c == 0 ? tiny : 1 - tiny)) / double(classes);
+    }
+    RowMatrix<S> dZ(n, classes);
+    CHECK(double(any_loss<S>(log_tn).value_and_grad(Z, yc, dZ)) ==
+          Approx(1 - expected).epsilon(std::is_same_v<S, float> ? 1e-6 : 1e-13));
+    CHECK(dZ.allFinite());
+  }
+}
+
+TEMPLATE_TEST_CASE("AnyLoss propagates NaN from any position to the loss and every gradient entry", "[anyloss]",
+                   float, double) {
+  using S = TestType;
+  const S nan = std::numeric_limits<S>::quiet_NaN();
+  for (const Index n : {1, 17, 33, 1001}) {
+    for (const Index at : {Index(0), n / 2, n - 1}) {
+      for (const bool logits : {true, false}) {
+        INFO("N " << n << ", NaN at " << at << (logits ? ", logits" : ", probabilities"));
+        const AnyLoss<S> loss({.input = logits ? AnyLossInput::Logits : AnyLossInput::Probabilities});
+        Vector<S> z = uniform(n, 1, logits ? -2 : 0, logits ? 2 : 1, unsigned(n)).col(0).cast<S>(), grad(n);
+        z(at) = nan;
+        const Labels y = make_labels(n, 2);
+        CHECK(std::isnan(loss.value_and_grad(z, y, grad)));
+        CHECK(grad.array().isNaN().all());
+        CHECK(std::isnan(loss.value(z, y)));
+      }
+    }
+    RowMatrix<S> Z = uniform(n, 3, -2, 2, unsigned(n)).cast<S>(), dZ(n, 3);
+    Z(n - 1, 1) = nan;
+    CHECK(std::isnan(AnyLoss<S>().value_and_grad(Z, make_labels(n, 3), dZ)));
+    CHECK(dZ.array().isNaN().all());
+  }
 }
 
 TEST_CASE("AnyLoss composes with models and other losses", "[anyloss]") {
