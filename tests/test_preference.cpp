@@ -294,7 +294,7 @@ TEMPLATE_TEST_CASE("batched DPO values keep full relative accuracy at every marg
   const S reference = dpo.value(pc, pr);
   pc(3) = std::numeric_limits<S>::infinity();
   CHECK(dpo.value_and_grad(pc, pr, dpc, dpr) == Approx(reference - std::log(S(2))));
-  CHECK(dpc(3) == Approx(0).margin(1e-300));  // a denormal in double
+  CHECK(std::abs(dpc(3)) <= std::numeric_limits<S>::min());  // 0, or a denormal from Eigen's exp
   pc(5) = -std::numeric_limits<S>::infinity();
   CHECK(dpo.value_and_grad(pc, pr, dpc, dpr) == std::numeric_limits<S>::infinity());
   CHECK(dpc(5) == -beta);

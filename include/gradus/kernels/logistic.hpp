@@ -64,12 +64,20 @@ EIGEN_ALWAYS_INLINE Logistic<Packet> plogistic(const Packet& x) {
   return l;
 }
 
+// Whether Eigen's pmadd is fused (one rounding), which SoftplusSum's exact corrections need.
+#ifdef EIGEN_VECTORIZE_FMA
+inline constexpr bool kFusedMultiplyAdd = true;
+#else
+inline constexpr bool kFusedMultiplyAdd = false;
+#endif
+
 // Sum of softplus values sp(x) = log(1 + e^x) = max(x, 0) + log(1 + e), e = exp(-|x|), over
 // packets, in about half the instructions of a log per term: the factors 1 + e in [1, 2]
 // are multiplied per lane and the product's log is taken once per flush. The rounding of
 // each 1 + e and of each product is carried exactly (Sterbenz, FMA) into a correction, so
 // every term keeps its full relative accuracy, also for tiny e (large margins) where 1 + e
 // rounds to 1. Flush at least every kMaxTerms adds (the product stays below 2^kMaxTerms).
+// Exact only with kFusedMultiplyAdd and float or double packets; elsewhere use a log per term.
 // A NaN x makes the sum NaN; x = +inf makes it +inf, x = -inf adds 0.
 template <class Packet>
 class SoftplusSum {

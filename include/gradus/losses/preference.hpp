@@ -46,6 +46,7 @@
 #include <cmath>
 #include <limits>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 #include <Eigen/Core>
@@ -303,7 +304,7 @@ class PreferenceLoss {
     const Chunk t = beta * (a - b);
     Chunk sp, sigma;
     softplus(-t, sp, sigma);
-    loss = sp + c * t;
+    loss = c == 0 ? sp : sp + c * t;  // DPO: no 0 * inf at infinite margins
     da = beta * (c - sigma);
     db = -da;
   }
@@ -493,9 +494,11 @@ class PreferenceLoss {
     // Sums in double (or wider S): N may be large.
     using Accumulator = decltype(S() + double());
     Accumulator total = 0, chosen = 0, rejected = 0, correct = 0;
-    // The DPO family without per-pair values, the hot path, runs its whole packets apart.
+    // The DPO family without per-pair values, the hot path, runs its whole packets apart
+    // (where SoftplusSum is exact: float or double, with FMA).
+    constexpr bool packets = detail::kFusedMultiplyAdd && (std::is_same_v<S, float> || std::is_same_v<S, double>);
     Index done = 0;
-    if (in_dpo_family(kind) && !sorts(kind) && !out.per_pair) {
+    if (packets && in_dpo_family(kind) && !sorts(kind) && !out.per_pair) {
       done = dpo_packets(pc.data(), pr.data(), rc.data(), rr.data(), n, scale, out, total, chosen, rejected, correct);
     }
     // The rest chunk by chunk, any kind.
