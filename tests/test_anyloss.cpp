@@ -356,12 +356,13 @@ TEMPLATE_TEST_CASE("AnyLoss kernel matches a scalar-loop oracle across packet an
   const double tol = std::is_same_v<S, float> ? 2e-5 : 1e-11;
   const double L = 20;
   // Binary: packets of 8 or 16, a partial last packet, and blocks of 256 entries; multi-class:
-  // blocks of 256 / C rows, C above the block (one row per block), and C not a multiple of the
-  // packet width.
-  const std::pair<Index, Index> shapes[] = {{1, 1},    {7, 1},   {15, 1},  {16, 1},  {17, 1},  {31, 1},
-                                            {33, 1},   {255, 1}, {256, 1}, {257, 1}, {513, 1}, {1000, 1},
-                                            {1001, 1}, {85, 3},  {86, 3},  {171, 3}, {37, 16}, {19, 17},
-                                            {40, 7},   {1, 300}, {3, 300}};
+  // panels of 8 or 16 rows (whole, partial, the last one read through a copy), blocks of
+  // panels, C below, at and above the packet width (partial transposed tiles), C above a block.
+  const std::pair<Index, Index> shapes[] = {
+      {1, 1}, {7, 1}, {15, 1}, {16, 1}, {17, 1}, {31, 1}, {33, 1}, {255, 1}, {256, 1}, {257, 1}, {513, 1},
+      {1000, 1}, {1001, 1},
+      {1, 2}, {17, 2}, {85, 3}, {86, 3}, {171, 3}, {1001, 3}, {33, 5}, {40, 7},
+      {16, 16}, {37, 16}, {17, 15}, {19, 17}, {9, 33}, {1, 300}, {3, 300}};
   for (const auto& [n, c] : shapes) {
     for (const bool logits : {true, false}) {
       INFO("N " << n << ", C " << c << (logits ? ", logits" : ", probabilities"));
@@ -435,6 +436,15 @@ TEMPLATE_TEST_CASE("AnyLoss at infinite logits is exact: the loss of probabiliti
       // at |z| = 1e4 or inf, where Eigen's double exp underflows to 2^-1024, not to 0.
       CHECK(grad.template cast<double>().cwiseAbs().maxCoeff() <= (std::is_same_v<S, float> ? 0 : 1e-80));
     }
+    // Multi-class: a logit of -inf is a probability of 0 as a logit of -1e4 is (exp underflows).
+    RowMatrix<S> Z = uniform(n, 3, -2, 2, unsigned(n)).cast<S>(), far = Z, dZ(n, 3);
+    for (Index i = 0; i < n; i += 2) {
+      Z(i, i % 3) = -inf;
+      far(i, i % 3) = S(-1e4);
+    }
+    const AnyLoss<S> loss({.metric = Metric::F1, .amplify = 10});
+    CHECK(loss.value_and_grad(Z, make_labels(n, 3), dZ) == loss.value(far, make_labels(n, 3)));
+    CHECK(dZ.allFinite());
   }
 }
 

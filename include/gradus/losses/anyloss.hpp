@@ -144,8 +144,8 @@ using Packet = typename Eigen::internal::packet_traits<S>::type;
 template <class S>
 inline constexpr int kPacketSize = Eigen::internal::unpacket_traits<Packet<S>>::size;
 
-// The binary pass runs over blocks of this many entries, in stages through L1 buffers; the
-// per-lane sums in S, of kAnyLossBlock / packet size terms at most, move to double once per block.
+// The kernels run over blocks of about this many entries, in stages through L1 buffers; the
+// per-lane sums in S, of about kAnyLossBlock / packet size terms, move to double once per block.
 inline constexpr int kAnyLossBlock = 256;
 
 // Soft counts per SIMD lane: TP, FN, FP, TN and the count of positives.
@@ -189,6 +189,21 @@ class LaneCounts {
   double totals_[kSums][kPacketSize<S>] = {};
 };
 
+// plogistic(x) from e = exp(-|x|) computed apart, for kernels that run the exps as a stage of
+// their own (see binary_pass).
+template <class P>
+EIGEN_ALWAYS_INLINE Logistic<P> logistic_from_exp(const P& x, const P& e) {
+  using namespace Eigen::internal;
+  const P one = pset1<P>(typename unpacket_traits<P>::type(1));
+  Logistic<P> l;
+  l.e = e;
+  l.r = pdiv(one, padd(one, e));
+  const P er = pmul(e, l.r), nonnegative = pcmp_le(pzero(x), x);
+  l.sigma = pselect(nonnegative, l.r, er);
+  l.complement = pselect(nonnegative, er, l.r);
+  return l;
+}
+
 // Binary pass 1 over n entries: p = sigmoid(z) (or z), a = A(p) = sigmoid(L (p - 1/2)) into
 // the soft counts, and with `weight` the chain factor da/dz = L a (1 - a) p (1 - p) =
 // L (e_a r_a^2)(e_p r_p^2) (da/dp = L e_a r_a^2 without the sigmoid) stored with the sign of
@@ -203,7 +218,7 @@ SoftCounts binary_pass(const S* z, const int* labels, Index n, S L, S* weight) {
   using namespace Eigen::internal;
   using P = Packet<S>;
   constexpr Index kSize = kPacketSize<S>;
-  const P one = pset1<P>(S(1)), sign = pset1<P>(S(-0.0)), L_p = pset1<P>(L), half_L = pset1<P>(L / 2);
+  const P sign = pset1<P>(S(-0.0)), L_p = pset1<P>(L), half_L = pset1<P>(L / 2);
   const P two_L = padd(L_p, L_p), minus_L = pnegate(L_p), minus_half_L = pnegate(half_L);
   LaneCounts<S> counts;
   // One block, zero-padded to whole packets (padding counts in neither class): x (z, then
@@ -225,17 +240,19 @@ SoftCounts binary_pass(const S* z, const int* labels, Index n, S L, S* weight) {
     }
     if constexpr (Logits) {  // p = sigmoid(z): L (p - 1/2) = sign(z) L/2 (r - e r) needs no select
       for (Index i = 0; i < padded; i += kSize) {
-        const P zi = pload<P>(x + i), ei = pload<P>(e + i), r = pdiv(one, padd(one, ei)), er = pmul(ei, r);
-        pstore(dp + i, pmul(er, r));
-        pstore(x + i, por(pand(zi, sign), pmul(half_L, psub(r, er))));
+        const P zi = pload<P>(x + i);
+        const auto l = logistic_from_exp(zi, pload<P>(e + i));
+        const P er = pmul(l.e, l.r);
+        pstore(dp + i, pmul(er, l.r));
+        pstore(x + i, por(pand(zi, sign), pmul(half_L, psub(l.r, er))));
       }
       for (Index i = 0; i < padded; i += kSize) pstore(e + i, pexp_nonpositive(pnegate(pabs(pload<P>(x + i)))));
     }
     for (Index i = 0; i < padded; i += kSize) {
-      const P xi = pload<P>(x + i), ei = pload<P>(e + i), r = pdiv(one, padd(one, ei)), er = pmul(ei, r);
-      const P nonnegative = pcmp_le(pzero(xi), xi), yi = pload<P>(y + i);
-      counts.add(yi, pload<P>(not_y + i), pselect(nonnegative, r, er), pselect(nonnegative, er, r));
-      P w = pmul(pmadd(two_L, yi, minus_L), pmul(er, r));  // +-L a (1 - a)
+      const auto a = logistic_from_exp(pload<P>(x + i), pload<P>(e + i));
+      const P yi = pload<P>(y + i);
+      counts.add(yi, pload<P>(not_y + i), a.sigma, a.complement);
+      P w = pmul(pmadd(two_L, yi, minus_L), pmul(pmul(a.e, a.r), a.r));  // +-L a (1 - a)
       if constexpr (Logits) w = pmul(w, pload<P>(dp + i));
       if (weight && i + kSize <= size) {
         pstoreu(weight + start + i, w);
@@ -267,25 +284,6 @@ void binary_slopes(S* w, Index n, S positive, S negative) {
   for (Index i = whole; i < n; ++i) w[i] *= std::signbit(w[i]) ? -negative : positive;
 }
 
-// Multi-class: a = A(p), 1 - a and da/dp = L a (1 - a) over `size` entries rounded up to
-// whole packets (the caller pads); `slope` may be `p`.
-template <class S>
-void amplify(const S* p, Index size, S L_scalar, S* a, S* not_a, S* slope) {
-  using namespace Eigen::internal;
-  using P = Packet<S>;
-  const P L = pset1<P>(L_scalar), minus_half_L = pset1<P>(L_scalar * S(-0.5));
-  for (Index i = 0; i < size; i += kPacketSize<S>) {
-    const auto ai = plogistic(pmadd(L, ploadu<P>(p + i), minus_half_L));
-    pstoreu(a + i, ai.sigma);
-    pstoreu(not_a + i, ai.complement);
-    pstoreu(slope + i, pmul(L, pmul(pmul(ai.e, ai.r), ai.r)));
-  }
-}
-
-#if defined(__GNUC__)
-#pragma GCC diagnostic pop
-#endif
-
 // The batch side of AnyLoss, independent of the metric (so it is compiled once per scalar):
 // pass 1 builds the soft confusion matrices and stores da/dz in dZ; pass 2, given the
 // metric's slopes, turns that into dloss/dz. Holds scratch reused across calls.
@@ -314,97 +312,197 @@ class SoftConfusion {
     if (strided_grad_) dZ.col(0) = grad_column_;
   }
 
-  // Multi-class: per class c the counts TP, FN, FP, TN of the one-vs-rest problem. Blocks of
-  // rows run flat through A (C is often below a packet's width: row by row, Eigen would run
-  // scalar code); then each row's label entry moves to TP and FN (zeroed before the
-  // column sums, so nothing cancels) and the column sums go to FP and TN.
-  // dZ receives da_ic/dp_ic = L a (1 - a).
+  // Multi-class: per class c the counts TP, FN, FP, TN of the one-vs-rest problem, with
+  // y_i = [label_i == c]. Rows run in panels of a packet's width, transposed: packet c of a
+  // panel holds class c of its rows, so the softmax's row max and sum and pass 2's dot product
+  // are lane-wise and every packet is full whatever C. Blocks of panels run in stages as the
+  // binary pass does. With a gradient, p (logits) and da/dp = L a (1 - a) stay in this layout
+  // for pass 2.
   void multiclass_counts(const Eigen::Ref<const RowMatrix<S>>& Z, const Eigen::Ref<const Labels>& labels, S L,
-                         bool logits, Eigen::Ref<RowMatrix<S>>* dZ) {
-    const Index n = Z.rows(), classes = Z.cols();
-    if (logits) softmax_rows(Z);
-    const auto& P = logits ? Eigen::Ref<const RowMatrix<S>>(probabilities_) : Z;
-    counts_.setZero(classes, 4);
-    positives_.setZero(classes);
-    const Index rows = std::max<Index>(1, kAnyLossBlock / classes);
-    const Index padded = (rows * classes + kPacketSize<S> - 1) / kPacketSize<S> * kPacketSize<S>;
-    if (block_.rows() != padded) block_.setZero(padded, 3);  // once per C; the padding stays finite
-    using Flat = Eigen::Map<Eigen::Array<S, Eigen::Dynamic, 1>>;
-    using Rows = Eigen::Map<Eigen::Array<S, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>;
-    for (Index start = 0; start < n; start += rows) {
-      const Index r = std::min(rows, n - start), size = r * classes;
-      Flat p(block_.col(0).data(), size), a(block_.col(1).data(), size), not_a(block_.col(2).data(), size);
-      Rows(p.data(), r, classes) = P.middleRows(start, r).array();
-      amplify(p.data(), size, L, a.data(), not_a.data(), p.data());
-      if (dZ) dZ->middleRows(start, r) = Rows(p.data(), r, classes).matrix();
-      Rows A(a.data(), r, classes), not_A(not_a.data(), r, classes);
-      for (Index i = 0; i < r; ++i) {
-        const int y = labels(start + i);
-        counts_(y, 0) += static_cast<double>(A(i, y));
-        counts_(y, 1) += static_cast<double>(not_A(i, y));
-        A(i, y) = not_A(i, y) = 0;
-        ++positives_(y);
+                         bool logits, bool grad) {
+    using namespace Eigen::internal;
+    constexpr Index kSize = kPacketSize<S>;
+    const Index n = Z.rows(), classes = Z.cols(), panels = (n + kSize - 1) / kSize, panel = classes * kSize;
+    // Panels per block: at least a block's worth of packets in each stage, as in the binary pass.
+    const Index block = std::max<Index>(1, kAnyLossBlock / panel);
+    rows_ = n;
+    counts_.setZero(classes, kSums);
+    lanes_.setZero(kSums * panel);
+    staged_.resize(kSize, classes + kSize);  // a padded panel: whole packets from any row and class
+    x_.resize(block * panel);  // no-ops after the first call at a given shape
+    e_.resize(block * panel);
+    if (grad) {
+      if (logits) probabilities_.resize(panels * panel);
+      da_.resize(panels * panel);
+    }
+    const P L_p = pset1<P>(L), minus_half_L = pset1<P>(-L / 2), one = pset1<P>(S(1));
+    Index unflushed = 0;  // panels summed in lanes_ since the last flush
+    for (Index first = 0; first < panels; first += block) {
+      const Index count = std::min(block, panels - first), packets = count * classes;
+      S* x = x_.data();
+      S* e = e_.data();
+      for (Index k = 0; k < count; ++k) gather_panel(Z, first + k, x + k * panel);
+      if (logits) {  // max-shifted softmax of each row: one exp and one division per entry
+        for (Index k = 0; k < count; ++k) {
+          S* xk = x + k * panel;
+          P max = pload<P>(xk);
+          for (Index c = 1; c < classes; ++c) max = pmax(max, pload<P>(xk + c * kSize));
+          for (Index c = 0; c < classes; ++c) pstore(xk + c * kSize, psub(pload<P>(xk + c * kSize), max));
+        }
+        for (Index i = 0; i < packets * kSize; i += kSize) pstore(x + i, pexp_nonpositive(pload<P>(x + i)));
+        for (Index k = 0; k < count; ++k) {
+          S* xk = x + k * panel;
+          P sum = pload<P>(xk);
+          for (Index c = 1; c < classes; ++c) sum = padd(sum, pload<P>(xk + c * kSize));
+          for (Index c = 0; c < classes; ++c) pstore(xk + c * kSize, pdiv(pload<P>(xk + c * kSize), sum));
+        }
+        if (grad) std::copy(x, x + packets * kSize, probabilities_.data() + first * panel);
       }
-      counts_.col(2) += A.colwise().sum().transpose().template cast<double>();
-      counts_.col(3) += not_A.colwise().sum().transpose().template cast<double>();
+      for (Index i = 0; i < packets * kSize; i += kSize) {  // a = A(p): the exps, then the divisions
+        const P t = pmadd(L_p, pload<P>(x + i), minus_half_L);
+        pstore(x + i, t);
+        pstore(e + i, pexp_nonpositive(pnegate(pabs(t))));
+      }
+      for (Index k = 0; k < count; ++k) {
+        const P y = panel_labels(labels, first + k), valid = pand(pcmp_le(pzero(y), y), one);  // padding: -1
+        for (Index c = 0; c < classes; ++c) {
+          const Index i = k * panel + c * kSize;
+          const auto a = logistic_from_exp(pload<P>(x + i), pload<P>(e + i));
+          if (grad) pstore(da_.data() + first * panel + i, pmul(L_p, pmul(pmul(a.e, a.r), a.r)));
+          const P positive = pand(pcmp_eq(y, pset1<P>(S(c))), one), negative = psub(valid, positive);
+          S* lanes = lanes_.data() + kSums * c * kSize;
+          pstore(lanes, pmadd(positive, a.sigma, pload<P>(lanes)));
+          pstore(lanes + kSize, pmadd(positive, a.complement, pload<P>(lanes + kSize)));
+          pstore(lanes + 2 * kSize, pmadd(negative, a.sigma, pload<P>(lanes + 2 * kSize)));
+          pstore(lanes + 3 * kSize, pmadd(negative, a.complement, pload<P>(lanes + 3 * kSize)));
+          pstore(lanes + 4 * kSize, padd(positive, pload<P>(lanes + 4 * kSize)));
+        }
+      }
+      unflushed += count;
+      if (unflushed >= kAnyLossBlock / kSize || first + count == panels) {  // lanes sum in S a few terms each
+        for (Index c = 0; c < classes; ++c) {
+          for (Index k = 0; k < kSums; ++k) {
+            S* lanes = lanes_.data() + (kSums * c + k) * kSize;
+            for (Index j = 0; j < kSize; ++j) counts_(c, k) += double(lanes[j]);
+            std::fill(lanes, lanes + kSize, S(0));
+          }
+        }
+        unflushed = 0;
+      }
     }
   }
 
   SoftCounts class_counts(Index c) const {
-    const Index n = positives_.sum();
-    return {counts_(c, 0), counts_(c, 1), counts_(c, 2), counts_(c, 3), positives_(c), n - positives_(c)};
+    const auto positives = static_cast<Index>(counts_(c, 4));
+    return {counts_(c, 0), counts_(c, 1), counts_(c, 2), counts_(c, 3), positives, rows_ - positives};
   }
 
-  // slopes: C x 2, dloss/da for the class's positives and negatives; with logits, back
-  // through the softmax: dz = p * (g - <p, g>). Plain loops over a row: the compiler
-  // vectorizes them where Eigen's dynamic-size rows shorter than a packet would not.
-  void multiclass_grad(const Eigen::Ref<const RowMatrix<S>>& Z, const Eigen::Ref<const Labels>& labels,
-                       const Eigen::Array<S, Eigen::Dynamic, 2>& slopes, bool logits, Eigen::Ref<RowMatrix<S>>& dZ) {
-    const auto& P = logits ? Eigen::Ref<const RowMatrix<S>>(probabilities_) : Z;
-    const Index classes = Z.cols();
-    const S* negative = slopes.col(1).data();
-    for (Index i = 0; i < Z.rows(); ++i) {
-      S* g = &dZ(i, 0);  // holds da_ic/dp_ic; becomes dloss/dp_ic = slope_c(y_i) da_ic/dp_ic
-      const int y = labels(i);
-      const S label_weight = g[y] * slopes(y, 0);
-      for (Index c = 0; c < classes; ++c) g[c] *= negative[c];
-      g[y] = label_weight;
-      if (!logits) continue;
-      const S* p = P.row(i).data();
-      S dot = 0;
-      for (Index c = 0; c < classes; ++c) dot += p[c] * g[c];
-      for (Index c = 0; c < classes; ++c) g[c] = p[c] * (g[c] - dot);
+  // slopes: C x 2, dloss/da for the class's positives and negatives. dloss/dp = slope * da/dp;
+  // with logits, back through the softmax: dz = p (g - <p, g>), the dot product lane-wise.
+  void multiclass_grad(const Eigen::Ref<const Labels>& labels, const Eigen::Array<S, Eigen::Dynamic, 2>& slopes,
+                       bool logits, Eigen::Ref<RowMatrix<S>>& dZ) {
+    using namespace Eigen::internal;
+    constexpr Index kSize = kPacketSize<S>;
+    const Index classes = dZ.cols(), panels = (dZ.rows() + kSize - 1) / kSize, panel = classes * kSize;
+    S* g = x_.data();  // one panel
+    for (Index q = 0; q < panels; ++q) {
+      const P y = panel_labels(labels, q);
+      const S* da = da_.data() + q * panel;
+      for (Index c = 0; c < classes; ++c) {
+        const P slope = pselect(pcmp_eq(y, pset1<P>(S(c))), pset1<P>(slopes(c, 0)), pset1<P>(slopes(c, 1)));
+        pstore(g + c * kSize, pmul(pload<P>(da + c * kSize), slope));
+      }
+      if (logits) {
+        const S* p = probabilities_.data() + q * panel;
+        P dot = pmul(pload<P>(p), pload<P>(g));
+        for (Index c = 1; c < classes; ++c) dot = pmadd(pload<P>(p + c * kSize), pload<P>(g + c * kSize), dot);
+        for (Index c = 0; c < classes; ++c) {
+          pstore(g + c * kSize, pmul(pload<P>(p + c * kSize), psub(pload<P>(g + c * kSize), dot)));
+        }
+      }
+      scatter_panel(g, q, dZ);
     }
   }
 
  private:
-  // Max-shifted row softmax, one exp per element; the exps run flat over the whole matrix.
-  void softmax_rows(const Eigen::Ref<const RowMatrix<S>>& Z) {
-    probabilities_.resize(Z.rows(), Z.cols());  // no-op after the first call at a given shape
-    const Index classes = Z.cols();
-    for (Index i = 0; i < Z.rows(); ++i) {  // plain loops over a row: see multiclass_grad
-      const S* z = Z.row(i).data();
-      S* p = probabilities_.row(i).data();
-      S max = z[0];
-      for (Index c = 1; c < classes; ++c) max = std::max(max, z[c]);
-      for (Index c = 0; c < classes; ++c) p[c] = z[c] - max;
+  using P = Packet<S>;
+
+  // Panel q of Z (rows q w .. q w + w - 1, w the packet width) transposed into `to`: class c
+  // at to + c w, w x w tiles at a time through registers (ptranspose). A partial last tile
+  // loads whole packets too, past the rows' ends (the extra lanes are dropped); a panel where
+  // that would leave Z, or a partial one, goes through a zero-padded copy.
+  void gather_panel(const Eigen::Ref<const RowMatrix<S>>& Z, Index q, S* to) {
+    using namespace Eigen::internal;
+    constexpr Index kSize = kPacketSize<S>;
+    const Index rows = std::min(kSize, Z.rows() - q * kSize), classes = Z.cols();
+    const Index last = (q * kSize + kSize - 1) * Z.outerStride() + (classes + kSize - 1) / kSize * kSize;
+    const S* from = Z.data() + q * kSize * Z.outerStride();
+    Index stride = Z.outerStride();
+    if (rows < kSize || last > (Z.rows() - 1) * Z.outerStride() + classes) {
+      staged_.setZero();
+      staged_.topLeftCorner(rows, classes) = Z.middleRows(q * kSize, rows);
+      from = staged_.data();
+      stride = staged_.cols();
     }
-    probabilities_.array() = probabilities_.array().exp();
-    for (Index i = 0; i < Z.rows(); ++i) {
-      S* p = probabilities_.row(i).data();
-      S sum = 0;
-      for (Index c = 0; c < classes; ++c) sum += p[c];
-      for (Index c = 0; c < classes; ++c) p[c] /= sum;
+    for (Index c = 0; c < classes; c += kSize) {
+      PacketBlock<P, kSize> tile;
+      for (Index j = 0; j < kSize; ++j) tile.packet[j] = ploadu<P>(from + j * stride + c);
+      ptranspose(tile);
+      for (Index j = 0; j < std::min(kSize, classes - c); ++j) pstore(to + (c + j) * kSize, tile.packet[j]);
     }
+  }
+
+  // The inverse of gather_panel, into dZ; the last C mod w classes are scattered, a stride
+  // that defeats the hardware prefetcher: the rows of panel q + 2 are requested meanwhile.
+  void scatter_panel(const S* from, Index q, Eigen::Ref<RowMatrix<S>>& dZ) {
+    using namespace Eigen::internal;
+    constexpr Index kSize = kPacketSize<S>;
+    const Index rows = std::min(kSize, dZ.rows() - q * kSize), classes = dZ.cols();
+    S* to = rows < kSize ? staged_.data() : dZ.data() + q * kSize * dZ.outerStride();
+    const Index stride = rows < kSize ? staged_.cols() : dZ.outerStride();
+    prefetch_panel(dZ.data(), dZ.rows(), classes, dZ.outerStride(), q + 2);
+    const Index tiled = classes / kSize * kSize;
+    for (Index c = 0; c < tiled; c += kSize) {
+      PacketBlock<P, kSize> tile;
+      for (Index j = 0; j < kSize; ++j) tile.packet[j] = pload<P>(from + (c + j) * kSize);
+      ptranspose(tile);
+      for (Index j = 0; j < kSize; ++j) pstoreu(to + j * stride + c, tile.packet[j]);
+    }
+    for (Index c = tiled; c < classes; ++c) pscatter<S, P>(to + c, pload<P>(from + c * kSize), stride);
+    if (rows < kSize) dZ.middleRows(q * kSize, rows) = staged_.topLeftCorner(rows, classes);
+  }
+
+  // Requests the cache lines of panel q of a rows x cols matrix (none past its end).
+  static void prefetch_panel(const S* data, Index rows, Index cols, Index stride, Index q) {
+    constexpr Index kSize = kPacketSize<S>, kLine = 64 / sizeof(S);
+    for (Index i = q * kSize; i < std::min(rows, (q + 1) * kSize); ++i) {
+      for (Index c = 0; c < cols; c += kLine) Eigen::internal::prefetch(data + i * stride + c);
+    }
+  }
+
+  // The labels of panel q as S, -1 in the padding of a partial panel.
+  static P panel_labels(const Eigen::Ref<const Labels>& labels, Index q) {
+    constexpr Index kSize = kPacketSize<S>;
+    alignas(64) S y[kSize];
+    const Index rows = std::min(kSize, labels.size() - q * kSize);
+    for (Index j = 0; j < rows; ++j) y[j] = S(labels(q * kSize + j));
+    for (Index j = rows; j < kSize; ++j) y[j] = S(-1);
+    return Eigen::internal::pload<P>(y);
   }
 
   Vector<S> column_, grad_column_;
   bool strided_grad_ = false;
-  RowMatrix<S> probabilities_;
-  Eigen::Array<double, Eigen::Dynamic, 4> counts_;
-  Eigen::Array<Index, Eigen::Dynamic, 1> positives_;
-  Eigen::Array<S, Eigen::Dynamic, 3> block_;  // one block of rows, flat: p (then da/dp), a, 1 - a
+  // Multi-class scratch, panels of C packets: p and da/dp of all rows, one block's stages, lane sums.
+  Eigen::Array<S, Eigen::Dynamic, 1> probabilities_, da_, x_, e_, lanes_;
+  RowMatrix<S> staged_;  // one panel, row-major
+  static constexpr int kSums = 5;  // per class: TP, FN, FP, TN and the count of positives
+  Eigen::Array<double, Eigen::Dynamic, kSums> counts_;
+  Index rows_ = 0;
 };
+
+#if defined(__GNUC__)
+#pragma GCC diagnostic pop
+#endif
 
 }  // namespace detail
 
@@ -489,7 +587,7 @@ class AnyLoss {
   S multiclass(std::string_view function, const Eigen::Ref<const RowMatrix<S>>& Z,
                const Eigen::Ref<const Labels>& labels, Eigen::Ref<RowMatrix<S>>* dZ) const {
     const Index classes = Z.cols();
-    batch_.multiclass_counts(Z, labels, options_.amplify, logits(), dZ);
+    batch_.multiclass_counts(Z, labels, options_.amplify, logits(), dZ != nullptr);
     double metric_sum = 0;
     slopes_.resize(classes, 2);
     for (Index c = 0; c < classes; ++c) {  // macro average: each class weighs 1/C
@@ -499,7 +597,7 @@ class AnyLoss {
       slopes_(c, 0) = static_cast<S>(s.positive / double(classes));
       slopes_(c, 1) = static_cast<S>(s.negative / double(classes));
     }
-    if (dZ) batch_.multiclass_grad(Z, labels, slopes_, logits(), *dZ);
+    if (dZ) batch_.multiclass_grad(labels, slopes_, logits(), *dZ);
     return static_cast<S>(1 - metric_sum / double(classes));
   }
 
