@@ -576,6 +576,24 @@ TEST_CASE("AnyLoss rejects bad input with gradus::invalid_argument", "[anyloss]"
     throws_naming([&] { probabilities.value(Eigen::VectorXd::Constant(6, 1.5), make_labels(6, 2)); },
                   "'Z (probabilities)': expected probabilities in [0, 1], got 1.5");
   }
+  SECTION("binary labels and probabilities are checked in the kernel's pass, anywhere, labels first") {
+    for (const Index n : {1, 17, 1001}) {
+      const Eigen::VectorXf p = uniform(n, 1, 0, 1, unsigned(n)).col(0).cast<float>();
+      for (const Index at : {Index(0), n - 1}) {
+        INFO("N " << n << ", at " << at);
+        Labels labels = make_labels(n, 2);
+        Eigen::VectorXf bad = p, grad(n);
+        bad(at) = -0.25f;
+        const AnyLoss<float> on_logits, on_probabilities({.input = AnyLossInput::Probabilities});
+        throws_naming([&] { on_probabilities.value_and_grad(bad, labels, grad); },
+                      "got -0.25 at row " + std::to_string(at));
+        labels(at) = at == 0 ? 7 : -3;
+        const std::string label = "got " + std::to_string(labels(at)) + " at index " + std::to_string(at);
+        throws_naming([&] { on_logits.value_and_grad(p, labels, grad); }, label);
+        throws_naming([&] { on_probabilities.value(bad, labels); }, label);
+      }
+    }
+  }
   SECTION("a one-class batch where the metric is undefined, and the opt-in stabilizer") {
     for (const Metric metric : {Metric::GMean, Metric::BalancedAccuracy}) {
       for (const int label : {0, 1}) {

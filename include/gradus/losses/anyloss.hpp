@@ -213,8 +213,15 @@ EIGEN_ALWAYS_INLINE Logistic<P> logistic_from_exp(const P& x, const P& e) {
 // at z = +-inf, NaN stays NaN. They run split in stages (exp, then division), each over the
 // whole block before the next: a packet's chain of two exps and two divisions is far longer
 // than the out-of-order window overlaps, and plogistic packet by packet runs 1.3x slower.
+// What binary pass 1 saw of its inputs as it read them: the caller then validates them
+// without reading them again.
+struct BinaryInputs {
+  unsigned largest_label = 0;  // as unsigned, so that a negative label is large
+  bool outside_unit = false;   // a probability below 0 or above 1 (NaN is neither)
+};
+
 template <bool Logits, class S>
-SoftCounts binary_pass(const S* z, const int* labels, Index n, S L, S* weight) {
+SoftCounts binary_pass(const S* z, const int* labels, Index n, S L, S* weight, BinaryInputs& inputs) {
   using namespace Eigen::internal;
   using P = Packet<S>;
   constexpr Index kSize = kPacketSize<S>;
@@ -227,11 +234,16 @@ SoftCounts binary_pass(const S* z, const int* labels, Index n, S L, S* weight) {
   for (Index start = 0; start < n; start += kAnyLossBlock) {
     const Index size = std::min<Index>(kAnyLossBlock, n - start);
     const Index padded = (size + kSize - 1) / kSize * kSize;
+    unsigned largest = 0, outside = 0;
     for (Index i = 0; i < size; ++i) {  // plain loops: the compiler vectorizes them
       x[i] = z[start + i];
+      largest = std::max(largest, unsigned(labels[start + i]));
       y[i] = S(labels[start + i]);
       not_y[i] = 1 - y[i];
+      if constexpr (!Logits) outside |= unsigned(x[i] < 0) | unsigned(x[i] > 1);
     }
+    inputs.largest_label = std::max(inputs.largest_label, largest);
+    inputs.outside_unit = inputs.outside_unit || outside != 0;
     for (Index i = size; i < padded; ++i) x[i] = y[i] = not_y[i] = 0;
     for (Index i = 0; i < padded; i += kSize) {
       P xi = pload<P>(x + i);
@@ -302,8 +314,12 @@ class SoftConfusion {
     const S* z = strided_z ? column_.data() : Z.data();
     S* weight = !dZ ? nullptr : strided_grad_ ? grad_column_.data() : dZ->data();
     const int* y = labels.data();
-    return logits ? binary_pass<true>(z, y, n, L, weight) : binary_pass<false>(z, y, n, L, weight);
+    inputs_ = {};
+    return logits ? binary_pass<true>(z, y, n, L, weight, inputs_) : binary_pass<false>(z, y, n, L, weight, inputs_);
   }
+
+  // The labels and probabilities binary_counts read.
+  const BinaryInputs& binary_inputs() const { return inputs_; }
 
   // dz_i = slope(y_i) * da_i/dz_i, the latter stored by binary_counts.
   void binary_grad(S positive, S negative, Eigen::Ref<RowMatrix<S>>& dZ) {
@@ -492,6 +508,7 @@ class SoftConfusion {
 
   Vector<S> column_, grad_column_;
   bool strided_grad_ = false;
+  BinaryInputs inputs_;
   // Multi-class scratch, panels of C packets: p and da/dp of all rows, one block's stages, lane sums.
   Eigen::Array<S, Eigen::Dynamic, 1> probabilities_, da_, x_, e_, lanes_;
   RowMatrix<S> staged_;  // one panel, row-major
@@ -570,15 +587,19 @@ class AnyLoss {
     detail::require_nonempty(function, name, Z.rows());
     detail::require_nonempty(function, name, Z.cols(), "columns");
     detail::require_size(function, "labels", labels.size(), Z.rows(), "entries (rows of Z)");
-    const Index classes = Z.cols() == 1 ? 2 : Z.cols();
-    if (!detail::labels_in_range(labels, classes)) detail::require_labels(function, "labels", labels, classes);
+    if (Z.cols() == 1) return binary(function, name, Z, labels, dZ);
+    if (!detail::labels_in_range(labels, Z.cols())) detail::require_labels(function, "labels", labels, Z.cols());
     if (!logits()) require_probabilities(function, name, Z);
-    return Z.cols() == 1 ? binary(function, Z, labels, dZ) : multiclass(function, Z, labels, dZ);
+    return multiclass(function, Z, labels, dZ);
   }
 
-  S binary(std::string_view function, const Eigen::Ref<const RowMatrix<S>>& Z, const Eigen::Ref<const Labels>& labels,
-           Eigen::Ref<RowMatrix<S>>* dZ) const {
+  S binary(std::string_view function, std::string_view name, const Eigen::Ref<const RowMatrix<S>>& Z,
+           const Eigen::Ref<const Labels>& labels, Eigen::Ref<RowMatrix<S>>* dZ) const {
     const auto counts = batch_.binary_counts(Z, labels, options_.amplify, logits(), dZ);
+    // Pass 1 checked the inputs as it read them (a throw leaves dZ unspecified).
+    const auto& inputs = batch_.binary_inputs();
+    if (inputs.largest_label > 1) detail::require_labels(function, "labels", labels, 2);
+    if (inputs.outside_unit) require_probabilities(function, name, Z);
     const auto slopes = detail::metric_slopes(metric_, counts, function, "");
     if (dZ) batch_.binary_grad(static_cast<S>(slopes.positive), static_cast<S>(slopes.negative), *dZ);
     return static_cast<S>(1 - slopes.metric);
