@@ -190,7 +190,7 @@ class LaneCounts {
 };
 
 // plogistic(x) from e = exp(-|x|) computed apart, for kernels that run the exps as a stage of
-// their own (see binary_pass).
+// their own (see binary_pass); the same formulas as plogistic's.
 template <class P>
 EIGEN_ALWAYS_INLINE Logistic<P> logistic_from_exp(const P& x, const P& e) {
   using namespace Eigen::internal;
@@ -204,6 +204,13 @@ EIGEN_ALWAYS_INLINE Logistic<P> logistic_from_exp(const P& x, const P& e) {
   return l;
 }
 
+// What binary pass 1 saw of its inputs as it read them: the caller then validates them
+// without reading them again.
+struct BinaryInputs {
+  unsigned largest_label = 0;  // as unsigned, so that a negative label is large
+  bool outside_unit = false;   // a probability below 0 or above 1 (NaN is neither)
+};
+
 // Binary pass 1 over n entries: p = sigmoid(z) (or z), a = A(p) = sigmoid(L (p - 1/2)) into
 // the soft counts, and with `weight` the chain factor da/dz = L a (1 - a) p (1 - p) =
 // L (e_a r_a^2)(e_p r_p^2) (da/dp = L e_a r_a^2 without the sigmoid) stored with the sign of
@@ -213,13 +220,6 @@ EIGEN_ALWAYS_INLINE Logistic<P> logistic_from_exp(const P& x, const P& e) {
 // at z = +-inf, NaN stays NaN. They run split in stages (exp, then division), each over the
 // whole block before the next: a packet's chain of two exps and two divisions is far longer
 // than the out-of-order window overlaps, and plogistic packet by packet runs 1.3x slower.
-// What binary pass 1 saw of its inputs as it read them: the caller then validates them
-// without reading them again.
-struct BinaryInputs {
-  unsigned largest_label = 0;  // as unsigned, so that a negative label is large
-  bool outside_unit = false;   // a probability below 0 or above 1 (NaN is neither)
-};
-
 template <bool Logits, class S>
 SoftCounts binary_pass(const S* z, const int* labels, Index n, S L, S* weight, BinaryInputs& inputs) {
   using namespace Eigen::internal;
