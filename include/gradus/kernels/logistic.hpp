@@ -50,18 +50,24 @@ struct Logistic {
   Packet e, r, sigma, complement;
 };
 
+// The same from e = exp(-|x|) already at hand (kernels that run their exps as a stage of their own).
 template <class Packet>
-EIGEN_ALWAYS_INLINE Logistic<Packet> plogistic(const Packet& x) {
+EIGEN_ALWAYS_INLINE Logistic<Packet> logistic_from_exp(const Packet& x, const Packet& e) {
   using namespace Eigen::internal;
   const Packet one = pset1<Packet>(1);
   Logistic<Packet> l;
-  l.e = pexp_nonpositive(pnegate(pabs(x)));
-  l.r = pdiv(one, padd(one, l.e));
-  const Packet er = pmul(l.e, l.r);
+  l.e = e;
+  l.r = pdiv(one, padd(one, e));
+  const Packet er = pmul(e, l.r);
   const Packet nonnegative = pcmp_le(pzero(x), x);
   l.sigma = pselect(nonnegative, l.r, er);
   l.complement = pselect(nonnegative, er, l.r);
   return l;
+}
+
+template <class Packet>
+EIGEN_ALWAYS_INLINE Logistic<Packet> plogistic(const Packet& x) {
+  return logistic_from_exp(x, pexp_nonpositive(Eigen::internal::pnegate(Eigen::internal::pabs(x))));
 }
 
 // Whether Eigen's pmadd is fused (one rounding), which SoftplusSum's exact corrections need.
@@ -79,9 +85,10 @@ inline constexpr bool kFusedMultiplyAdd = false;
 // rounds to 1. Flush at least every kMaxTerms adds (the product stays below 2^kMaxTerms).
 // Exact only with kFusedMultiplyAdd and float or double packets; elsewhere use a log per term.
 // A NaN x makes the sum NaN; x = +inf makes it +inf, x = -inf adds 0.
-template <class Packet>
+template <class S>
 class SoftplusSum {
  public:
+  using Packet = typename Eigen::internal::packet_traits<S>::type;
   static constexpr int kMaxTerms = 64;
 
   // Adds sp(x); returns sigma(x), sp's derivative.
@@ -102,14 +109,14 @@ class SoftplusSum {
     return l.sigma;
   }
 
-  // The sum since the last flush, in double (or a wider Scalar); starts a new one.
+  // The sum since the last flush, in double (or a wider S); starts a new one.
   auto flush() {
     using namespace Eigen::internal;
     constexpr int kSize = unpacket_traits<Packet>::size;
-    Scalar terms[kSize], logs[kSize];
+    S terms[kSize], logs[kSize];
     pstoreu(terms, padd(linear_, correction_));
     pstoreu(logs, plog(product_));
-    using Sum = decltype(Scalar() + double());
+    using Sum = decltype(S() + double());
     Sum sum = 0;
     for (int k = 0; k < kSize; ++k) sum += Sum(terms[k]) + Sum(logs[k]);
     *this = SoftplusSum();
@@ -117,11 +124,10 @@ class SoftplusSum {
   }
 
  private:
-  using Scalar = typename Eigen::internal::unpacket_traits<Packet>::type;
-  Packet linear_ = Eigen::internal::pset1<Packet>(Scalar(0));
-  Packet correction_ = Eigen::internal::pset1<Packet>(Scalar(0));
-  Packet product_ = Eigen::internal::pset1<Packet>(Scalar(1));
-  Packet inverse_ = Eigen::internal::pset1<Packet>(Scalar(1));
+  Packet linear_ = Eigen::internal::pset1<Packet>(S(0));
+  Packet correction_ = Eigen::internal::pset1<Packet>(S(0));
+  Packet product_ = Eigen::internal::pset1<Packet>(S(1));
+  Packet inverse_ = Eigen::internal::pset1<Packet>(S(1));
 };
 
 #if defined(__GNUC__)

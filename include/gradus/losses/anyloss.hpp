@@ -189,21 +189,6 @@ class LaneCounts {
   double totals_[kSums][kPacketSize<S>] = {};
 };
 
-// plogistic(x) from e = exp(-|x|) computed apart, for kernels that run the exps as a stage of
-// their own (see binary_pass); the same formulas as plogistic's.
-template <class P>
-EIGEN_ALWAYS_INLINE Logistic<P> logistic_from_exp(const P& x, const P& e) {
-  using namespace Eigen::internal;
-  const P one = pset1<P>(typename unpacket_traits<P>::type(1));
-  Logistic<P> l;
-  l.e = e;
-  l.r = pdiv(one, padd(one, e));
-  const P er = pmul(e, l.r), nonnegative = pcmp_le(pzero(x), x);
-  l.sigma = pselect(nonnegative, l.r, er);
-  l.complement = pselect(nonnegative, er, l.r);
-  return l;
-}
-
 // What binary pass 1 saw of its inputs as it read them: the caller then validates them
 // without reading them again.
 struct BinaryInputs {

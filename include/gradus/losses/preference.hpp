@@ -318,11 +318,11 @@ class PreferenceLoss {
     using namespace Eigen::internal;
     const Packet beta = pset1<Packet>(options_.beta), c = pset1<Packet>(dpo_linear_term());
     const Packet slope = pset1<Packet>(scale * options_.beta), one = pset1<Packet>(S(1)), zero = pzero(one);
-    constexpr Index kStride = detail::SoftplusSum<Packet>::kMaxTerms * kPacket;
+    constexpr Index kStride = detail::SoftplusSum<S>::kMaxTerms * kPacket;
     const Index whole = n / kPacket * kPacket;
     for (Index block = 0; block < whole; block += kStride) {
       const Index end = std::min(whole, block + kStride);
-      detail::SoftplusSum<Packet> softplus;
+      detail::SoftplusSum<S> softplus;
       Packet t_lanes = zero, chosen_lanes = zero, rejected_lanes = zero, correct_lanes = zero;
       for (Index i = block; i < end; i += kPacket) {
         const Packet a = psub(ploadu<Packet>(pc + i), ploadu<Packet>(rc + i));
