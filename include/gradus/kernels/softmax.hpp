@@ -69,8 +69,8 @@ struct CompSumTerms {
 // With m the row max and s = sum_j exp(h_j - m): lp = (h_y - m) - log s, and
 // dot = sum_j v_j (h_j - m), both shifted by m so that large logits lose no digits.
 template <class S, class A>
-CompSumTerms<A> comp_sum_terms(const CompSumJob<S>& job, const A& lp, const A& log_s, const A& dot, const A& v_y,
-                               const A& active) {
+EIGEN_ALWAYS_INLINE CompSumTerms<A> comp_sum_terms(const CompSumJob<S>& job, const A& lp, const A& log_s, const A& dot,
+                                                    const A& v_y, const A& active) {
   const S t = job.tau - 1;
   const S keep = (1 - job.smoothing) * job.scale;
   const S spread = job.smoothing / S(job.cols) * job.scale;
@@ -396,13 +396,19 @@ inline __m512 sum_lanes16(const __m512* a) {
   return halves(d[0], d[1]);
 }
 
-// 32 rows from `first` (two blocks of 16, interleaved for their latency chains); returns their value sum.
+// Rows [begin, end), 32 at a time (two blocks of 16, interleaved for their latency chains);
+// end - begin is a multiple of 32. Returns their value sum.
 template <int C>
-double comp_sum_flat(const CompSumJob<float>& job, Index first) {
+double comp_sum_flat(const CompSumJob<float>& job, Index begin, Index end) {
   using Lanes = Eigen::Array<float, 16, 1>;
   constexpr auto& layout = FlatLayout<C>::tables;
   constexpr __mmask16 kRow = (1u << C) - 1;
   constexpr Index kAhead = 64;  // rows prefetched ahead, as in comp_sum_block
+  // Without weights and at tau = 1 the label's term b is the same on every counted row.
+  const bool uniform_b = job.class_weight == nullptr && job.tau == 1;
+  double fallback = 0;
+  Lanes values = Lanes::Zero();
+  for (Index first = begin; first < end; first += 32) {
   __m512 e[2][C], shift[2], sums[2];
   for (int q = 0; q < 2; ++q) {
     const Index row = first + 16 * q;
@@ -432,10 +438,6 @@ double comp_sum_flat(const CompSumJob<float>& job, Index first) {
     }
     sums[q] = sum_lanes16(rows);
   }
-  // Without weights and at tau = 1 the label's term b is the same on every counted row.
-  const bool uniform_b = job.class_weight == nullptr && job.tau == 1;
-  double fallback = 0;
-  Lanes values = Lanes::Zero();
   for (int q = 0; q < 2; ++q) {
     const Index row = first + 16 * q;
     const float m = _mm_cvtss_f32(_mm512_castps512_ps128(shift[q]));
@@ -476,11 +478,12 @@ double comp_sum_flat(const CompSumJob<float>& job, Index first) {
       _mm512_storeu_ps(g + 16 * k, _mm512_mask_sub_ps(gk, at_label, gk, bk));
     }
   }
+  }
   return fallback + values.sum();
 }
 
 // Whether comp_sum_flat serves the job, and its entry for the job's C (nullptr if none).
-inline auto comp_sum_flat_for(const CompSumJob<float>& job) -> double (*)(const CompSumJob<float>&, Index) {
+inline auto comp_sum_flat_for(const CompSumJob<float>& job) -> double (*)(const CompSumJob<float>&, Index, Index) {
   const Index c = job.cols;
   if (job.smoothing > 0 || job.ld_logits != c || (job.grad != nullptr && job.ld_grad != c)) return nullptr;
   switch (c) {
@@ -509,17 +512,19 @@ double comp_sum_rows(const CompSumJob<S>& job) {
   const bool small = job.cols < kSmallClasses;
   const Index lanes = kLanes<S>;
   const Index units = small ? (job.rows + lanes - 1) / lanes : job.rows;
-  double (*flat)(const CompSumJob<S>&, Index) = nullptr;
+  double (*flat)(const CompSumJob<S>&, Index, Index) = nullptr;
 #ifdef EIGEN_VECTORIZE_AVX512
   if constexpr (std::is_same_v<S, float>) flat = comp_sum_flat_for(job);
 #endif
   auto run = [&](Index begin, Index end) {
     double total = 0;
+    if (small && flat) {  // the whole blocks of rows in one call, the last one apart
+      const Index whole = std::min(end, job.rows / lanes);
+      if (begin < whole) total += flat(job, begin * lanes, whole * lanes);
+      begin = std::max(begin, whole);
+    }
     for (Index u = begin; u < end; ++u) {
-      const Index first = u * lanes, count = std::min(lanes, job.rows - first);
-      if (!small) total += comp_sum_row(job, u);
-      else if (flat && count == lanes) total += flat(job, first);
-      else total += comp_sum_block(job, first, count);
+      total += small ? comp_sum_block(job, u * lanes, std::min(lanes, job.rows - u * lanes)) : comp_sum_row(job, u);
     }
     return total;
   };
