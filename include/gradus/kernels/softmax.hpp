@@ -107,32 +107,41 @@ void exp_shifted(const typename A::Scalar* x, const A& m, typename A::Scalar* e)
   }
 }
 
-// sum_j exp(x_j - m), writing the terms to e when it is not null. The last partial chunk is
-// padded with -inf (exp = 0, or a denormal in double) so that every exp is a vector one.
-// While the exps keep the core busy, the rows starting at next_x and next_e (when not null,
-// n entries each) are requested from memory, so that they arrive before they are read.
+// sum_j exp(x_j - m), writing the terms to e when it is not null: chunks of four packets,
+// then whole packets, then the last partial packet padded with -inf (exp = 0, or a denormal
+// in double) so that every exp is a vector one. While the exps keep the core busy, the rows
+// starting at next_x and next_e (when not null, n entries each) are requested from memory,
+// so that they arrive before they are read.
 template <class S>
 S sum_exp(const S* x, S* e, Index n, S m, const S* next_x = nullptr, S* next_e = nullptr) {
-  using Chunk = Eigen::Array<S, 4 * Eigen::internal::packet_traits<S>::size, 1>;
-  constexpr Index kChunk = Chunk::SizeAtCompileTime, kLine = 64 / Index(sizeof(S));
-  const Chunk shift = Chunk::Constant(m);
-  Chunk acc = Chunk::Zero(), ej;
+  using namespace Eigen::internal;
+  using Packet = typename packet_traits<S>::type;
+  constexpr Index P = unpacket_traits<Packet>::size, kChunk = 4 * P, kLine = 64 / Index(sizeof(S));
+  const Packet shift = pset1<Packet>(m);
+  Packet acc[4] = {pzero(shift), pzero(shift), pzero(shift), pzero(shift)};
+  auto exp_at = [&](const S* from, Index j, Packet& sum) {
+    const Packet ej = pexp_nonpositive(psub(ploadu<Packet>(from), shift));
+    if (e != nullptr) pstoreu(e + j, ej);
+    sum = padd(sum, ej);
+  };
   Index j = 0;
   for (; j + kChunk <= n; j += kChunk) {
     for (Index k = 0; next_x != nullptr && k < kChunk; k += kLine) __builtin_prefetch(next_x + j + k);
     for (Index k = 0; next_e != nullptr && k < kChunk; k += kLine) __builtin_prefetch(next_e + j + k, 1);
-    exp_shifted(x + j, shift, ej.data());
-    if (e != nullptr) Eigen::Map<Chunk>(e + j) = ej;
-    acc += ej;
+    for (int k = 0; k < 4; ++k) exp_at(x + j + k * P, j + k * P, acc[k]);
   }
+  for (; j + P <= n; j += P) exp_at(x + j, j, acc[0]);
   if (const Index rest = n - j; rest > 0) {
-    Chunk tail = Chunk::Constant(-std::numeric_limits<S>::infinity());
-    tail.head(rest) = Eigen::Map<const Eigen::Array<S, Eigen::Dynamic, 1>>(x + j, rest);
-    exp_shifted(tail.data(), shift, ej.data());
-    if (e != nullptr) Eigen::Map<Eigen::Array<S, Eigen::Dynamic, 1>>(e + j, rest) = ej.head(rest);
-    acc += ej;
+    alignas(64) S tail[P];
+    for (Index k = 0; k < P; ++k) tail[k] = k < rest ? x[j + k] : -std::numeric_limits<S>::infinity();
+    const Packet ej = pexp_nonpositive(psub(pload<Packet>(tail), shift));
+    acc[1] = padd(acc[1], ej);
+    if (e != nullptr) {
+      pstore(tail, ej);
+      std::copy(tail, tail + rest, e + j);
+    }
   }
-  return acc.sum();
+  return predux(padd(padd(acc[0], acc[1]), padd(acc[2], acc[3])));
 }
 
 // One row of many classes; returns its (scaled) value.
