@@ -27,7 +27,8 @@
 // a batch where the metric is undefined (G-mean or balanced accuracy without positives or
 // without negatives) throws gradus::invalid_argument, as does any metric whose value or
 // partials are not finite on finite counts (a user metric writes its own s where it wants
-// one). Probabilities must lie in [0, 1]; non-finite inputs propagate as NaN.
+// one). Probabilities must lie in [0, 1]; non-finite inputs propagate as NaN. The inputs are
+// checked as the pass reads them, so when a call throws, dZ holds unspecified values.
 // An AnyLoss object keeps scratch between calls: use one object per thread.
 
 #include <algorithm>
