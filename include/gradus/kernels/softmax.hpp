@@ -414,79 +414,82 @@ double comp_sum_flat(const CompSumJob<float>& job, Index begin, Index end) {
   constexpr __mmask16 kRow = (1u << C) - 1;
   constexpr Index kAhead = 64;  // rows prefetched ahead, as in comp_sum_block
   // Without weights and at tau = 1 the label's term b is the same on every counted row.
+  using One = Eigen::Array<float, 1, 1>;
   const bool uniform_b = job.class_weight == nullptr && job.tau == 1;
+  const __m512 b_all = _mm512_set1_ps(comp_sum_terms(job, One(0), One(0), One(0), One(1), One(1)).b(0));
   double fallback = 0;
   Lanes values = Lanes::Zero();
   for (Index first = begin; first < end; first += 32) {
-  __m512 e[2][C], shift[2], sums[2];
-  for (int q = 0; q < 2; ++q) {
-    const Index row = first + 16 * q;
-    const float* x = job.logits + row * C;
-    if (row + kAhead + 16 <= job.rows) {
+    __m512 e[2][C], shift[2], sums[2];
+    for (int q = 0; q < 2; ++q) {
+      const Index row = first + 16 * q;
+      const float* x = job.logits + row * C;
+      if (row + kAhead + 16 <= job.rows) {
+        for (int k = 0; k < C; ++k) {
+          __builtin_prefetch(x + kAhead * C + 16 * k);
+          if (job.grad != nullptr) __builtin_prefetch(job.grad + (row + kAhead) * C + 16 * k, 1);
+        }
+      }
+      __m512 m = _mm512_loadu_ps(x);
       for (int k = 0; k < C; ++k) {
-        __builtin_prefetch(x + kAhead * C + 16 * k);
-        if (job.grad != nullptr) __builtin_prefetch(job.grad + (row + kAhead) * C + 16 * k, 1);
+        e[q][k] = _mm512_loadu_ps(x + 16 * k);
+        m = _mm512_max_ps(m, e[q][k]);
+      }
+      shift[q] = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+    }
+    for (int q = 0; q < 2; ++q) {
+      for (int k = 0; k < C; ++k) e[q][k] = pexp_nonpositive(_mm512_sub_ps(e[q][k], shift[q]));
+    }
+    for (int q = 0; q < 2; ++q) {
+      __m512 rows[16];
+      for (int j = 0; j < 16; ++j) {
+        const int f = layout.first[j];
+        const __m512i pick = _mm512_loadu_si512(layout.pick[j]);
+        rows[j] = _mm512_maskz_permutex2var_ps(kRow, e[q][f], pick, e[q][f + 1 < C ? f + 1 : f]);
+      }
+      sums[q] = sum_lanes16(rows);
+    }
+    for (int q = 0; q < 2; ++q) {
+      const Index row = first + 16 * q;
+      const float m = _mm_cvtss_f32(_mm512_castps512_ps128(shift[q]));
+      if (!std::isfinite(m) || _mm512_cmp_ps_mask(sums[q], _mm512_set1_ps(kFlatFloor), _CMP_GE_OQ) != 0xFFFF) {
+        fallback += comp_sum_block(job, row, 16);
+        continue;
+      }
+      const __m512i y = _mm512_loadu_si512(job.labels + row);
+      const __mmask16 active = _mm512_cmpneq_epi32_mask(y, _mm512_set1_epi32(job.ignore_index));
+      const __m512i column = _mm512_maskz_mov_epi32(active, y);  // 0 for ignored rows
+      const __m512i offset = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                                _mm512_set1_epi32(C));
+      const float* x = job.logits + row * C;
+      Lanes h_y, s, v_y, on;
+      _mm512_storeu_ps(h_y.data(), _mm512_i32gather_ps(_mm512_add_epi32(offset, column), x, 4));
+      _mm512_storeu_ps(s.data(), sums[q]);
+      _mm512_storeu_ps(on.data(), _mm512_maskz_mov_ps(active, _mm512_set1_ps(1)));
+      v_y = on;
+      if (job.class_weight) {
+        const __m512 weight = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), active, column, job.class_weight, 4);
+        _mm512_storeu_ps(v_y.data(), weight);
+      }
+      const Lanes log_s = s.log();
+      const auto terms = comp_sum_terms(job, Lanes(h_y - m - log_s), log_s, Lanes(Lanes::Zero()), v_y, on);
+      if (job.per_sample != nullptr) Eigen::Map<Lanes>(job.per_sample + row) = terms.value;
+      values += terms.value;
+      if (job.grad == nullptr) continue;
+      const Lanes a_over_s = terms.a / s;
+      const __m512 scale = _mm512_loadu_ps(a_over_s.data()), b = _mm512_loadu_ps(terms.b.data());
+      // -1 on ignored rows: no lane's class
+      const __m512 label = _mm512_cvtepi32_ps(_mm512_mask_mov_epi32(_mm512_set1_epi32(-1), active, y));
+      float* g = job.grad + row * C;
+      for (int k = 0; k < C; ++k) {
+        const __m512i lane_row = _mm512_loadu_si512(layout.row[k]);
+        const __m512 lane_label = _mm512_permutexvar_ps(lane_row, label);
+        const __mmask16 at_label = _mm512_cmp_ps_mask(_mm512_loadu_ps(layout.cls[k]), lane_label, _CMP_EQ_OQ);
+        const __m512 gk = _mm512_mul_ps(e[q][k], _mm512_permutexvar_ps(lane_row, scale));
+        const __m512 bk = uniform_b ? b_all : _mm512_permutexvar_ps(lane_row, b);
+        _mm512_storeu_ps(g + 16 * k, _mm512_mask_sub_ps(gk, at_label, gk, bk));
       }
     }
-    __m512 m = _mm512_loadu_ps(x);
-    for (int k = 0; k < C; ++k) {
-      e[q][k] = _mm512_loadu_ps(x + 16 * k);
-      m = _mm512_max_ps(m, e[q][k]);
-    }
-    shift[q] = _mm512_set1_ps(_mm512_reduce_max_ps(m));
-  }
-  for (int q = 0; q < 2; ++q) {
-    for (int k = 0; k < C; ++k) e[q][k] = pexp_nonpositive(_mm512_sub_ps(e[q][k], shift[q]));
-  }
-  for (int q = 0; q < 2; ++q) {
-    __m512 rows[16];
-    for (int j = 0; j < 16; ++j) {
-      const int f = layout.first[j];
-      const __m512i pick = _mm512_loadu_si512(layout.pick[j]);
-      rows[j] = _mm512_maskz_permutex2var_ps(kRow, e[q][f], pick, e[q][f + 1 < C ? f + 1 : f]);
-    }
-    sums[q] = sum_lanes16(rows);
-  }
-  for (int q = 0; q < 2; ++q) {
-    const Index row = first + 16 * q;
-    const float m = _mm_cvtss_f32(_mm512_castps512_ps128(shift[q]));
-    if (!std::isfinite(m) || _mm512_cmp_ps_mask(sums[q], _mm512_set1_ps(kFlatFloor), _CMP_GE_OQ) != 0xFFFF) {
-      fallback += comp_sum_block(job, row, 16);
-      continue;
-    }
-    const __m512i y = _mm512_loadu_si512(job.labels + row);
-    const __mmask16 active = _mm512_cmpneq_epi32_mask(y, _mm512_set1_epi32(job.ignore_index));
-    const __m512i column = _mm512_maskz_mov_epi32(active, y);  // 0 for ignored rows
-    const __m512i offset = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                              _mm512_set1_epi32(C));
-    const float* x = job.logits + row * C;
-    Lanes h_y, s, v_y, on;
-    _mm512_storeu_ps(h_y.data(), _mm512_i32gather_ps(_mm512_add_epi32(offset, column), x, 4));
-    _mm512_storeu_ps(s.data(), sums[q]);
-    _mm512_storeu_ps(on.data(), _mm512_maskz_mov_ps(active, _mm512_set1_ps(1)));
-    v_y = on;
-    if (job.class_weight) {
-      _mm512_storeu_ps(v_y.data(), _mm512_mask_i32gather_ps(_mm512_setzero_ps(), active, column, job.class_weight, 4));
-    }
-    const Lanes log_s = s.log();
-    const auto terms = comp_sum_terms(job, Lanes(h_y - m - log_s), log_s, Lanes(Lanes::Zero()), v_y, on);
-    if (job.per_sample != nullptr) Eigen::Map<Lanes>(job.per_sample + row) = terms.value;
-    values += terms.value;
-    if (job.grad == nullptr) continue;
-    const Lanes a_over_s = terms.a / s;
-    const __m512 scale = _mm512_loadu_ps(a_over_s.data()), b = _mm512_loadu_ps(terms.b.data());
-    const __m512 b_all = _mm512_set1_ps(uniform_b ? terms.b.maxCoeff() : 0);  // 0 on ignored rows
-    const __m512 label = _mm512_cvtepi32_ps(_mm512_mask_mov_epi32(_mm512_set1_epi32(-1), active, y));  // -1: ignored
-    float* g = job.grad + row * C;
-    for (int k = 0; k < C; ++k) {
-      const __m512i lane_row = _mm512_loadu_si512(layout.row[k]);
-      const __m512 lane_label = _mm512_permutexvar_ps(lane_row, label);
-      const __mmask16 at_label = _mm512_cmp_ps_mask(_mm512_loadu_ps(layout.cls[k]), lane_label, _CMP_EQ_OQ);
-      const __m512 gk = _mm512_mul_ps(e[q][k], _mm512_permutexvar_ps(lane_row, scale));
-      const __m512 bk = uniform_b ? b_all : _mm512_permutexvar_ps(lane_row, b);
-      _mm512_storeu_ps(g + 16 * k, _mm512_mask_sub_ps(gk, at_label, gk, bk));
-    }
-  }
   }
   return fallback + values.sum();
 }
