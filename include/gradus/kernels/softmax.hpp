@@ -412,7 +412,7 @@ double comp_sum_flat(const CompSumJob<float>& job, Index begin, Index end) {
   using Lanes = Eigen::Array<float, 16, 1>;
   constexpr auto& layout = FlatLayout<C>::tables;
   constexpr __mmask16 kRow = (1u << C) - 1;
-  constexpr Index kAhead = 64;  // rows prefetched ahead, as in comp_sum_block
+  constexpr Index kAhead = 64;  // rows prefetched ahead (two units; 32 and 128 were no faster)
   // Without weights and at tau = 1 the label's term b is the same on every counted row.
   using One = Eigen::Array<float, 1, 1>;
   const bool uniform_b = job.class_weight == nullptr && job.tau == 1;
