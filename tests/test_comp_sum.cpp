@@ -314,18 +314,21 @@ TEMPLATE_TEST_CASE("few-class blocks (packet transposes, packed stores, prefetch
   }
 }
 
-// Contiguous float rows of 2-15 classes go 16 rows at a time through one shift (AVX-512),
-// and blocks where that shift is unsafe go back to the transposes: both against the definition.
+// Contiguous float rows of 2-15 classes go 16 rows at a time through one shift (AVX-512), in
+// chunks of 128 rows, and blocks where that shift is unsafe go back to the transposes: both
+// against the definition, in the first, a middle and the last (partial) chunk.
 TEMPLATE_TEST_CASE("few-class rows, shifted per block or per row, match the definition in long double",
                    "[comp_sum]", float, double) {
   using S = TestType;
   const S tolerance = std::is_same_v<S, float> ? S(1e-5) : S(1e-13);  // tau = 0 scales by 1/p_y
   for (Index c = 2; c < detail::kSmallClasses; ++c) {
-    const Index n = 100;
+    const Index n = 300;
     RowMatrix<S> h = random_logits<S>(n, c, 4.0, unsigned(c + 77));
     Labels y = random_labels(n, c, unsigned(c + 78));
-    y(3) = y(50) = -100;
+    y(3) = y(50) = y(200) = -100;
     h.row(37).array() -= S(70);                                 // far below its block: back to the transposes
+    h.row(140).array() -= S(70);
+    h.row(270).array() -= S(70);
     h.row(70).array() += S(45);                                 // far above: the others fall far below
     h(10, (y(10) + 1) % c) = -std::numeric_limits<S>::infinity();  // a masked class
     h.row(50).setConstant(std::numeric_limits<S>::quiet_NaN());   // ignored, so harmless
