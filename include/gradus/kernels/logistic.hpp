@@ -16,9 +16,11 @@ namespace gradus::detail {
 #endif
 
 // exp of x <= 0 (or NaN, which stays NaN): Eigen's pexp, except for AVX-512 floats, where
-// exp is most of the work of the kernels that call this. There the same Cephes polynomial
-// gets the power of two from vscalefps (which also rounds underflow to denormals or 0) and
-// needs no upper clamp: 14 instructions instead of 19, and a two-part ln 2 keeps r exact to ~1 ulp.
+// exp is most of the work of the kernels that call this. There a two-part ln 2 keeps
+// r = x - k ln 2 exact to ~1 ulp, a degree-6 polynomial fitted for relative error (3e-9) gives
+// exp(r) in six FMAs, and vscalefps multiplies by 2^k (rounding underflow to denormals or 0,
+// so no upper clamp is needed): 12 instructions instead of Eigen's 19, within 0.89 ulp of
+// exp over every float in [-104, 0] (within one denormal below the normal range).
 template <class Packet>
 EIGEN_ALWAYS_INLINE Packet pexp_nonpositive(const Packet& x) {
   return Eigen::internal::pexp(x);
@@ -31,12 +33,10 @@ EIGEN_ALWAYS_INLINE __m512 pexp_nonpositive(const __m512& x) {
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), v);  // r = v - k ln 2, |r| <= ln 2 / 2
   r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.9875691500e-4f), r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));  // exp(r)
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.3814612757e-3f), r, _mm512_set1_ps(8.3687100559e-3f));
+  for (const float c : {4.1668388993e-2f, 1.6666521132e-1f, 4.9999994040e-1f, 1.0f, 1.0f}) {
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  }
   return _mm512_scalef_ps(p, k);
 }
 #endif

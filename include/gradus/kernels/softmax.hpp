@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <type_traits>
 
@@ -433,6 +434,11 @@ inline __m512 log_positive_normal(const __m512 x) {
 // log and gradient is longer than the out-of-order window overlaps. Returns the value sum.
 inline constexpr Index kFlatChunk = 128;
 
+// Gradients above this size are written with streaming stores, as memcpy does for large copies:
+// they would leave the cache before they are read anyway, and a plain store first reads each
+// line from memory (a third more traffic).
+inline constexpr std::size_t kStreamBytes = std::size_t(16) << 20;
+
 template <int C>
 double comp_sum_flat(const CompSumJob<float>& job, Index begin, Index end) {
   using Lanes = Eigen::Array<float, kFlatChunk, 1>;
@@ -447,6 +453,8 @@ double comp_sum_flat(const CompSumJob<float>& job, Index begin, Index end) {
   // Lanes past the last block of a short chunk keep harmless values (their results are dropped).
   Lanes shift = Lanes::Zero(), sum = Lanes::Ones(), h_y = Lanes::Zero(), label = Lanes::Zero(), active = Lanes::Zero(),
         v_y = Lanes::Zero();
+  const bool stream = job.grad != nullptr && reinterpret_cast<std::uintptr_t>(job.grad) % 64 == 0 &&
+                      std::size_t(job.rows) * C * sizeof(float) > kStreamBytes;  // rows of 16 C floats stay aligned
   double total = 0;
   for (Index first = begin; first < end; first += kFlatChunk) {
     const int blocks = int(std::min(kFlatChunk, end - first) / 16);
@@ -521,10 +529,16 @@ double comp_sum_flat(const CompSumJob<float>& job, Index begin, Index end) {
             _mm512_cmp_ps_mask(_mm512_loadu_ps(layout.cls[k]), _mm512_permutexvar_ps(lane_row, y), _CMP_EQ_OQ);
         const __m512 gk = _mm512_mul_ps(_mm512_load_ps(e + 16 * (q * C + k)), _mm512_permutexvar_ps(lane_row, a));
         const __m512 bk = uniform_b ? b_all : _mm512_permutexvar_ps(lane_row, b);
-        _mm512_storeu_ps(g + 16 * k, _mm512_mask_sub_ps(gk, at_label, gk, bk));
+        const __m512 gradient = _mm512_mask_sub_ps(gk, at_label, gk, bk);
+        if (stream) {
+          _mm512_stream_ps(g + 16 * k, gradient);
+        } else {
+          _mm512_storeu_ps(g + 16 * k, gradient);
+        }
       }
     }
   }
+  if (stream) _mm_sfence();  // the streamed gradient is visible to every thread on return
   return total;
 }
 
