@@ -1,5 +1,6 @@
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <random>
@@ -388,6 +389,120 @@ TEMPLATE_TEST_CASE("AnyLoss kernel matches a scalar-loop oracle across packet an
   }
 }
 
+// Binary pass 1 on n copies of one input, all positive or all negative: the counts are n a and
+// n (1 - a) exactly (17 equal terms in float lanes and in double need no rounding).
+template <class S>
+detail::SoftCounts copies_pass(S input, int label, Index n, bool logits, S L, std::vector<S>& weight) {
+  const std::vector<S> z(n, input);
+  const std::vector<int> y(n, label);
+  weight.assign(n, S(0));
+  detail::BinaryInputs seen;
+  return logits ? detail::binary_pass<true>(z.data(), y.data(), n, L, weight.data(), seen)
+                : detail::binary_pass<false>(z.data(), y.data(), n, L, weight.data(), seen);
+}
+
+TEMPLATE_TEST_CASE("AnyLoss binary kernel: a, 1 - a and da/dz within the stated bound of long double", "[anyloss]",
+                   float, double) {
+  using S = TestType;
+  using R = long double;
+  // The bound stated in anyloss.hpp for the AVX-512 float kernel, in units of the scalar's
+  // epsilon/2 (2^-24 in float): relative error (8 + L + 4 |x|) for a and 1 - a, x = L (p - 1/2),
+  // and (16 + L + 4 |x|) for da/dz, wherever the exact values are normal numbers (p, rounded,
+  // makes x uncertain by ~L 2^-25, whatever its size). The generic kernel (double, other
+  // instruction sets) keeps it too.
+  const R unit = R(std::numeric_limits<S>::epsilon()) / 2;
+  const Index n = 17;
+  std::vector<S> inputs;
+  for (int k = -400; k <= 400; ++k) inputs.push_back(S(k) / 20);  // |z| <= 20: 1 - a down to e^-L/2
+  for (const S z : {S(1e-30), S(-1e-30), S(0), S(-0.0), S(1e-7), S(30), S(-30), S(88), S(-88), S(1e4), S(-1e4),
+                    std::numeric_limits<S>::infinity(), -std::numeric_limits<S>::infinity()})
+    inputs.push_back(z);
+  std::vector<S> probabilities;
+  for (int k = 0; k <= 1000; ++k) probabilities.push_back(S(k) / 1000);
+  for (const S p : {S(1e-30), S(1e-7), S(0.5) - std::numeric_limits<S>::epsilon() / 4,
+                    S(0.5) + std::numeric_limits<S>::epsilon() / 2, S(1) - std::numeric_limits<S>::epsilon() / 2})
+    probabilities.push_back(p);
+  for (const bool logits : {true, false}) {
+    for (const S L : {S(1), S(10), S(73)}) {
+      R worst = 0;  // the largest error over its bound, for the report
+      for (const S input : logits ? inputs : probabilities) {
+        const R p = logits ? 1 / (1 + std::exp(-R(input))) : R(input);
+        const R one_minus_p = logits ? 1 / (1 + std::exp(R(input))) : 1 - R(input);
+        const R x = R(L) * (p - R(0.5));
+        const R a = 1 / (1 + std::exp(-x)), not_a = 1 / (1 + std::exp(x));
+        const R slope = R(L) * a * not_a * (logits ? p * one_minus_p : 1);
+        const R bound = (8 + R(L) + 4 * std::fabs(x)) * unit, slope_bound = (16 + R(L) + 4 * std::fabs(x)) * unit;
+        std::vector<S> weight;
+        const auto positive = copies_pass<S>(input, 1, n, logits, L, weight);
+        INFO((logits ? "z = " : "p = ") << double(input) << ", L = " << double(L));
+        CHECK(positive.positives == n);
+        const R got_a = R(positive.tp) / n, got_not_a = R(positive.fn) / n;
+        CHECK(std::fabs(got_a - a) <= bound * a);
+        CHECK(std::fabs(got_not_a - not_a) <= bound * not_a);
+        worst = std::max({worst, std::fabs(got_a - a) / bound / a, std::fabs(got_not_a - not_a) / bound / not_a});
+        R weight_error = 0;  // over the bound; a slope below the normal range may underflow to 0
+        for (const S w : weight) {
+          weight_error = std::max(weight_error, slope >= R(std::numeric_limits<S>::min())
+                                                    ? std::fabs(R(w) - slope) / (slope_bound * slope)
+                                                    : R(w) / (2 * R(std::numeric_limits<S>::min())));
+        }
+        CHECK(weight_error <= 1);
+        worst = std::max(worst, weight_error);
+        const auto negative = copies_pass<S>(input, 0, n, logits, L, weight);
+        CHECK(negative.negatives == n);
+        CHECK(R(negative.fp) / n == got_a);
+        CHECK(R(negative.tn) / n == got_not_a);
+        CHECK(std::all_of(weight.begin(), weight.end(), [](S w) { return std::signbit(w); }));
+      }
+      WARN((logits ? "logits" : "probabilities") << ", L = " << double(L) << ": largest error / bound " << double(worst));
+    }
+  }
+}
+
+TEMPLATE_TEST_CASE("AnyLoss binary kernel: one-class blocks and the padding of the last one", "[anyloss]", float,
+                   double) {
+  using S = TestType;
+  using R = long double;
+  const S L = 20;
+  for (const Index n : {1, 15, 16, 17, 255, 256, 257, 300, 513, 600}) {
+    for (const int pattern : {0, 1, 2, 3}) {  // first block positive, first block negative, all positive, all negative
+      for (const bool logits : {true, false}) {
+        INFO("N " << n << ", pattern " << pattern << (logits ? ", logits" : ", probabilities"));
+        const Eigen::VectorXd draw = uniform(n, 1, logits ? -3 : 0, logits ? 3 : 1, unsigned(n + pattern)).col(0);
+        std::vector<S> z(n), weight(n);
+        std::vector<int> y(n);
+        R tp = 0, fn = 0, fp = 0, tn = 0;
+        Index positives = 0;
+        for (Index i = 0; i < n; ++i) {
+          z[i] = S(draw(i));
+          y[i] = pattern == 2 || (pattern == 0 && i < 256) || (pattern == 1 && i >= 256);
+          const R p = logits ? 1 / (1 + std::exp(-R(z[i]))) : R(z[i]), x = R(L) * (p - R(0.5));
+          const R a = 1 / (1 + std::exp(-x)), not_a = 1 / (1 + std::exp(x));
+          (y[i] ? tp : fp) += a;
+          (y[i] ? fn : tn) += not_a;
+          positives += y[i];
+        }
+        detail::BinaryInputs seen;
+        const auto k = logits ? detail::binary_pass<true>(z.data(), y.data(), n, L, weight.data(), seen)
+                              : detail::binary_pass<false>(z.data(), y.data(), n, L, weight.data(), seen);
+        CHECK(k.positives == positives);
+        CHECK(k.negatives == n - positives);
+        CHECK(seen.largest_label == unsigned(positives > 0));
+        CHECK_FALSE(seen.outside_unit);
+        // Float lanes sum ~16 terms per block before double takes over.
+        const R tol = std::is_same_v<S, float> ? 1e-5L : 1e-13L;
+        CHECK(std::fabs(R(k.tp) - tp) <= tol * tp);
+        CHECK(std::fabs(R(k.fn) - fn) <= tol * fn);
+        CHECK(std::fabs(R(k.fp) - fp) <= tol * fp);
+        CHECK(std::fabs(R(k.tn) - tn) <= tol * tn);
+        for (Index i = 0; i < n; ++i) {
+          if (std::signbit(weight[i]) != (y[i] == 0)) FAIL_CHECK("weight " << i << " has the wrong sign");
+        }
+      }
+    }
+  }
+}
+
 TEMPLATE_TEST_CASE("AnyLoss is stable at extreme logits", "[anyloss]", float, double) {
   using S = TestType;
   const Index n = 9;
@@ -577,9 +692,9 @@ TEST_CASE("AnyLoss rejects bad input with gradus::invalid_argument", "[anyloss]"
                   "'Z (probabilities)': expected probabilities in [0, 1], got 1.5");
   }
   SECTION("binary labels and probabilities are checked in the kernel's pass, anywhere, labels first") {
-    for (const Index n : {1, 17, 1001}) {
+    for (const Index n : {1, 17, 256, 257, 1001}) {
       const Eigen::VectorXf p = uniform(n, 1, 0, 1, unsigned(n)).col(0).cast<float>();
-      for (const Index at : {Index(0), n - 1}) {
+      for (const Index at : {Index(0), n / 2, n - 1}) {
         INFO("N " << n << ", at " << at);
         Labels labels = make_labels(n, 2);
         Eigen::VectorXf bad = p, grad(n);

@@ -167,12 +167,35 @@ class LaneCounts {
 
   void flush() {
     for (int k = 0; k < kSums; ++k) {
+#ifdef EIGEN_VECTORIZE_AVX512
+      if constexpr (std::same_as<P, __m512>) {  // GCC leaves the loop below scalar: 32 conversions
+        const __m512d low = _mm512_cvtps_pd(_mm512_castps512_ps256(block_[k]));
+        const __m512d high = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(block_[k]), 1)));
+        _mm512_storeu_pd(totals_[k], _mm512_add_pd(_mm512_loadu_pd(totals_[k]), low));
+        _mm512_storeu_pd(totals_[k] + 8, _mm512_add_pd(_mm512_loadu_pd(totals_[k] + 8), high));
+        block_[k] = _mm512_setzero_ps();
+        continue;
+      }
+#endif
       alignas(64) S lanes[kPacketSize<S>];
       Eigen::internal::pstore(lanes, block_[k]);
       for (int j = 0; j < kPacketSize<S>; ++j) totals_[k][j] += double(lanes[j]);
       block_[k] = Eigen::internal::pset1<P>(S(0));
     }
   }
+
+#ifdef EIGEN_VECTORIZE_AVX512
+  // The same for AVX-512 floats from lane masks: no mask-to-vector conversions.
+  EIGEN_ALWAYS_INLINE void add(__mmask16 positive, __mmask16 negative, const __m512& a, const __m512& not_a)
+    requires std::same_as<P, __m512>
+  {
+    block_[0] = _mm512_mask_add_ps(block_[0], positive, block_[0], a);
+    block_[1] = _mm512_mask_add_ps(block_[1], positive, block_[1], not_a);
+    block_[2] = _mm512_mask_add_ps(block_[2], negative, block_[2], a);
+    block_[3] = _mm512_mask_add_ps(block_[3], negative, block_[3], not_a);
+    block_[4] = _mm512_mask_add_ps(block_[4], positive, block_[4], _mm512_set1_ps(1));
+  }
+#endif
 
   SoftCounts total(Index n) const {
     double sum[kSums] = {};
@@ -207,7 +230,7 @@ struct BinaryInputs {
 // whole block before the next: a packet's chain of two exps and two divisions is far longer
 // than the out-of-order window overlaps, and plogistic packet by packet runs 1.3x slower.
 template <bool Logits, class S>
-SoftCounts binary_pass(const S* z, const int* labels, Index n, S L, S* weight, BinaryInputs& inputs) {
+SoftCounts binary_pass_packets(const S* z, const int* labels, Index n, S L, S* weight, BinaryInputs& inputs) {
   using namespace Eigen::internal;
   using P = Packet<S>;
   constexpr Index kSize = kPacketSize<S>;
@@ -263,6 +286,123 @@ SoftCounts binary_pass(const S* z, const int* labels, Index n, S L, S* weight, B
     counts.flush();
   }
   return counts.total(n);
+}
+
+#ifdef EIGEN_VECTORIZE_AVX512
+// 2^t for t <= 0 (or NaN), for the second sigmoid of the AVX-512 float pass only: k = round(t),
+// 2^(t - k) (t - k exact) by a degree-5 minimax polynomial on [-1/2, 1/2], vscalefps for 2^k
+// (it rounds underflow to denormals or 0). Relative error below 1.7e-7 = 2.8 x 2^-24 (measured,
+// float evaluation), against pexp_nonpositive's ~1 ulp, in 8 instructions instead of 14. Only
+// for arguments that carry a larger error already: see binary_pass_avx512.
+EIGEN_ALWAYS_INLINE __m512 pexp2_nonpositive(const __m512& t) {
+  const __m512 k = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, k);
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.3264728769e-3f), f, _mm512_set1_ps(9.6715131831e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5507337445e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022242077e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314697760e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, k);
+}
+
+// The lanes of a packet that hold one of the `left` entries still to do.
+EIGEN_ALWAYS_INLINE __mmask16 packet_mask(Index left) {
+  return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+}
+
+// Blocks ahead that binary_pass_avx512 requests from memory: out of cache, the hardware
+// prefetcher alone left it waiting (N = 1e7: 3x slower).
+inline constexpr Index kAnyLossPrefetchBlocks = 4;
+
+// binary_pass_packets for AVX-512 floats, same contract and the same sigmoids, with
+// - lane masks instead of 0/1 vectors: int32 labels tested as loaded, the counts added under
+//   masks, the padding of the last packet masked out of loads, counts and the store;
+// - four stages per block: e_p = exp(-|z|) (pexp_nonpositive); r_p = 1/(1 + e_p), the chain
+//   factor e_p r_p^2 = p (1 - p) and t = -|x| log2(e) = -(L/2) log2(e) (1 - e_p) r_p, with no
+//   select (the sign of x is that of z, or of p - 1/2: stage 4 reads it again); e_a = 2^t;
+//   r_a = 1/(1 + e_a), the counts and the weight. Split so, each stage's chain fits the
+//   out-of-order window (exp and division in one loop: 1.25x slower).
+// Accuracy: x = L (p - 1/2) comes from a rounded p (|error| ~2^-25 near p = 1/2) and a few
+// roundings, as in binary_pass_packets, so it is uncertain by about (L/2 + 2 |x|) 2^-24, and
+// so is e_a = exp(-|x|) relatively: pexp2_nonpositive's 2.8 x 2^-24 adds little to that. The
+// relative error of a and of 1 - a stays below (8 + L + 4 |x|) 2^-24 and that of da/dz below
+// (16 + L + 4 |x|) 2^-24 wherever they are normal floats (tests/test_anyloss.cpp checks both
+// kernels against long double; each uses under half of it).
+template <bool Logits>
+SoftCounts binary_pass_avx512(const float* z, const int* labels, Index n, float L, float* weight,
+                              BinaryInputs& inputs) {
+  const __m512 one = _mm512_set1_ps(1), sign = _mm512_set1_ps(-0.0f), L_p = _mm512_set1_ps(L);
+  const float L_log2e = L * 1.44269504088896341f;
+  const __m512 L_log2e_p = _mm512_set1_ps(L_log2e), minus_half_L_log2e = _mm512_set1_ps(-L_log2e / 2);
+  const __m512 middle = _mm512_set1_ps(Logits ? 0.0f : 0.5f);  // x < 0 where the input is below this
+  LaneCounts<float> counts;
+  __m512i largest = _mm512_setzero_si512();
+  __mmask16 outside = 0;
+  alignas(64) float e[kAnyLossBlock], t[kAnyLossBlock], chain[kAnyLossBlock];
+  for (Index start = 0; start < n; start += kAnyLossBlock) {
+    const Index size = std::min<Index>(kAnyLossBlock, n - start);
+    const Index ahead = start + kAnyLossPrefetchBlocks * kAnyLossBlock;
+    for (Index i = ahead; i < std::min(n, ahead + kAnyLossBlock); i += 16) {
+      __builtin_prefetch(z + i);
+      __builtin_prefetch(labels + i);
+      if (weight) __builtin_prefetch(weight + i, 1);
+    }
+    const float* v = z + start;
+    const int* y = labels + start;
+    for (Index i = 0; i < size; i += 16) {
+      const __m512 vi = _mm512_maskz_loadu_ps(packet_mask(size - i), v + i);
+      if constexpr (Logits) {
+        _mm512_store_ps(e + i, pexp_nonpositive(_mm512_or_ps(vi, sign)));
+      } else {  // t directly, by one rounding of L log2(e) (p - 1/2)
+        outside |= _mm512_cmp_ps_mask(vi, _mm512_setzero_ps(), _CMP_LT_OQ) | _mm512_cmp_ps_mask(vi, one, _CMP_GT_OQ);
+        _mm512_store_ps(t + i, _mm512_or_ps(_mm512_fmadd_ps(L_log2e_p, vi, minus_half_L_log2e), sign));
+      }
+    }
+    if constexpr (Logits) {
+      for (Index i = 0; i < size; i += 16) {
+        const __m512 ei = _mm512_load_ps(e + i);
+        const __m512 r = _mm512_div_ps(one, _mm512_add_ps(one, ei)), er = _mm512_mul_ps(ei, r);
+        _mm512_store_ps(t + i, _mm512_mul_ps(_mm512_sub_ps(r, er), minus_half_L_log2e));
+        if (weight) _mm512_store_ps(chain + i, _mm512_mul_ps(er, r));
+      }
+    }
+    for (Index i = 0; i < size; i += 16) _mm512_store_ps(e + i, pexp2_nonpositive(_mm512_load_ps(t + i)));
+    for (Index i = 0; i < size; i += 16) {
+      const __mmask16 valid = packet_mask(size - i);
+      const __m512i yi = _mm512_maskz_loadu_epi32(valid, y + i);
+      largest = _mm512_max_epu32(largest, yi);
+      const __mmask16 positive = _mm512_test_epi32_mask(yi, yi), negative = _kandn_mask16(positive, valid);
+      const __mmask16 below = _mm512_cmp_ps_mask(_mm512_maskz_loadu_ps(valid, v + i), middle, _CMP_LT_OQ);
+      const __m512 ei = _mm512_load_ps(e + i);
+      const __m512 r = _mm512_div_ps(one, _mm512_add_ps(one, ei)), er = _mm512_mul_ps(ei, r);
+      counts.add(positive, negative, _mm512_mask_blend_ps(below, r, er), _mm512_mask_blend_ps(below, er, r));
+      if (weight) {
+        __m512 w = _mm512_mul_ps(_mm512_mul_ps(er, r), L_p);  // L a (1 - a)
+        if constexpr (Logits) w = _mm512_mul_ps(w, _mm512_load_ps(chain + i));
+        const __m512i bits = _mm512_castps_si512(w);
+        w = _mm512_castsi512_ps(_mm512_mask_xor_epi32(bits, negative, bits, _mm512_castps_si512(sign)));
+        _mm512_mask_storeu_ps(weight + start + i, valid, w);
+      }
+    }
+    counts.flush();
+  }
+  inputs.largest_label = std::max(inputs.largest_label, unsigned(_mm512_reduce_max_epu32(largest)));
+  inputs.outside_unit = inputs.outside_unit || outside != 0;
+  return counts.total(n);
+}
+#endif
+
+// Binary pass 1: the AVX-512 float kernel where there is one, else Eigen's packets.
+template <bool Logits, class S>
+SoftCounts binary_pass(const S* z, const int* labels, Index n, S L, S* weight, BinaryInputs& inputs) {
+#ifdef EIGEN_VECTORIZE_AVX512
+  if constexpr (std::is_same_v<S, float>) {
+    return binary_pass_avx512<Logits>(z, labels, n, L, weight, inputs);
+  } else
+#endif
+  {
+    return binary_pass_packets<Logits>(z, labels, n, L, weight, inputs);
+  }
 }
 
 // Binary pass 2: w = slope(y) |w|, the label read from the sign of w (pass 1).
