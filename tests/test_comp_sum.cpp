@@ -244,6 +244,32 @@ TEMPLATE_TEST_CASE("extreme and all-equal logits", "[comp_sum]", float, double) 
   }
 }
 
+// The row max is the shift that keeps the exps finite: a huge logit anywhere in a row,
+// including the last, partial packet, must be found.
+TEMPLATE_TEST_CASE("the row max is found wherever it lies", "[comp_sum]", float, double) {
+  using S = TestType;
+  for (Index c : {17, 63, 64, 70, 100, 1000}) {
+    const Index n = c;  // row i holds its huge logit at column i
+    RowMatrix<S> h = random_logits<S>(n, c, 1.0, unsigned(c));
+    Labels y(n);
+    for (Index i = 0; i < n; ++i) {
+      h(i, i) = S(1e4);
+      y(i) = int((i + 1) % c);
+    }
+    Vector<S> values(n);
+    RowMatrix<S> g(n, c);
+    const CrossEntropyLoss<S> loss({.reduction = Reduction::Sum});
+    loss.values(h, y, values);
+    CHECK(std::isfinite(loss.value_and_grad(h, y, g)));
+    for (Index i = 0; i < n; ++i) {
+      INFO(c << " classes, row " << i);
+      CHECK(values(i) == Approx(1e4 - double(h(i, y(i)))).epsilon(1e-6));
+      CHECK(g(i, i) == Approx(1).epsilon(1e-6));
+      CHECK(g(i, y(i)) == Approx(-1).epsilon(1e-6));
+    }
+  }
+}
+
 TEMPLATE_TEST_CASE("logits may be expressions, column-major or the gradient buffer itself", "[comp_sum]", float,
                    double) {
   using S = TestType;
