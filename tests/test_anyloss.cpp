@@ -459,6 +459,39 @@ TEMPLATE_TEST_CASE("AnyLoss binary kernel: a, 1 - a and da/dz within the stated 
   }
 }
 
+#ifdef EIGEN_VECTORIZE_AVX512
+TEST_CASE("AnyLoss: the base-2 exp of the AVX-512 float kernel", "[anyloss]") {
+  // Relative error below 3 x 2^-24 (stated in anyloss.hpp) wherever 2^t is a normal float;
+  // below that, denormals or 0; NaN stays NaN.
+  double worst = 0;
+  for (int k = 0; k <= 200000; ++k) {
+    alignas(64) float t[16], got[16];
+    for (int j = 0; j < 16; ++j) t[j] = -float(k * 16 + j) * (126.0f / 3200016.0f);  // [-126, 0]
+    _mm512_store_ps(got, detail::pexp2_nonpositive(_mm512_load_ps(t)));
+    for (int j = 0; j < 16; ++j) {
+      const double exact = std::exp2(double(t[j]));
+      worst = std::max(worst, std::fabs(double(got[j]) - exact) / exact);
+    }
+  }
+  CHECK(worst <= 3 * std::ldexp(1.0, -24));
+  alignas(64) float t[16] = {-126.5f, -140.0f, -149.0f, -150.5f, -200.0f, -1e30f, -0.0f, 0.0f,
+                             std::numeric_limits<float>::quiet_NaN(), -1e-30f, -0.5f, 0.5f, -1.5f, -2.5f, -3.0f, -64.0f};
+  alignas(64) float got[16];
+  _mm512_store_ps(got, detail::pexp2_nonpositive(_mm512_load_ps(t)));
+  CHECK(got[0] == Approx(std::exp2(-126.5)).epsilon(1e-6));
+  CHECK(got[1] == Approx(std::exp2(-140.0)).epsilon(1e-3));  // a denormal
+  CHECK(got[2] == std::exp2f(-149.0f));
+  CHECK(got[3] == 0);
+  CHECK(got[4] == 0);
+  CHECK(got[5] == 0);
+  CHECK(got[6] == 1);
+  CHECK(got[7] == 1);
+  CHECK(std::isnan(got[8]));
+  CHECK(got[9] == 1);
+  for (int j = 10; j < 16; ++j) CHECK(got[j] == Approx(std::exp2(double(t[j]))).epsilon(3e-7));
+}
+#endif
+
 TEMPLATE_TEST_CASE("AnyLoss binary kernel: one-class blocks and the padding of the last one", "[anyloss]", float,
                    double) {
   using S = TestType;

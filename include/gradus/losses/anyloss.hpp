@@ -168,7 +168,7 @@ class LaneCounts {
   void flush() {
     for (int k = 0; k < kSums; ++k) {
 #ifdef EIGEN_VECTORIZE_AVX512
-      if constexpr (std::same_as<P, __m512>) {  // GCC leaves the loop below scalar: 32 conversions
+      if constexpr (std::same_as<P, __m512>) {  // GCC leaves the loop below scalar
         const __m512d low = _mm512_cvtps_pd(_mm512_castps512_ps256(block_[k]));
         const __m512d high = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(block_[k]), 1)));
         _mm512_storeu_pd(totals_[k], _mm512_add_pd(_mm512_loadu_pd(totals_[k]), low));
@@ -291,8 +291,8 @@ SoftCounts binary_pass_packets(const S* z, const int* labels, Index n, S L, S* w
 #ifdef EIGEN_VECTORIZE_AVX512
 // 2^t for t <= 0 (or NaN), for the second sigmoid of the AVX-512 float pass only: k = round(t),
 // 2^(t - k) (t - k exact) by a degree-5 minimax polynomial on [-1/2, 1/2], vscalefps for 2^k
-// (it rounds underflow to denormals or 0). Relative error below 1.7e-7 = 2.8 x 2^-24 (measured,
-// float evaluation), against pexp_nonpositive's ~1 ulp, in 8 instructions instead of 14. Only
+// (it rounds underflow to denormals or 0). Relative error below 3 x 2^-24 = 1.8e-7 (measured,
+// float evaluation), against pexp_nonpositive's ~1 ulp, in 8 instructions instead of 12. Only
 // for arguments that carry a larger error already: see binary_pass_avx512.
 EIGEN_ALWAYS_INLINE __m512 pexp2_nonpositive(const __m512& t) {
   const __m512 k = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -324,7 +324,7 @@ inline constexpr Index kAnyLossPrefetchBlocks = 4;
 //   out-of-order window (exp and division in one loop: 1.25x slower).
 // Accuracy: x = L (p - 1/2) comes from a rounded p (|error| ~2^-25 near p = 1/2) and a few
 // roundings, as in binary_pass_packets, so it is uncertain by about (L/2 + 2 |x|) 2^-24, and
-// so is e_a = exp(-|x|) relatively: pexp2_nonpositive's 2.8 x 2^-24 adds little to that. The
+// so is e_a = exp(-|x|) relatively: pexp2_nonpositive's 3 x 2^-24 adds little to that. The
 // relative error of a and of 1 - a stays below (8 + L + 4 |x|) 2^-24 and that of da/dz below
 // (16 + L + 4 |x|) 2^-24 wherever they are normal floats (tests/test_anyloss.cpp checks both
 // kernels against long double; each uses under half of it).
