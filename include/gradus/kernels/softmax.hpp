@@ -464,14 +464,9 @@ double comp_sum_flat(const CompSumJob<float>& job, Index begin, Index end) {
   constexpr auto& layout = FlatLayout<C>::tables;
   constexpr __mmask16 kRow = (1u << C) - 1;
   constexpr Index kAhead = 128;  // rows prefetched ahead by the exps' stage (64 and 256 were no faster)
-  // Without weights and at tau = 1 the label's term b is the same on every counted row.
-  using One = Eigen::Array<float, 1, 1>;
-  const bool uniform_b = job.class_weight == nullptr && job.tau == 1;
-  const __m512 b_all = _mm512_set1_ps(comp_sum_terms(job, One(0), One(0), One(0), One(1), One(1)).b(0));
   alignas(64) float e[kFlatChunk * C];  // the chunk's exps, in the rows' layout
   // Lanes past the last block of a short chunk keep harmless values (their results are dropped).
-  Lanes shift = Lanes::Zero(), sum = Lanes::Ones(), h_y = Lanes::Zero(), label = Lanes::Zero(), active = Lanes::Zero(),
-        v_y = Lanes::Zero();
+  Lanes shift = Lanes::Zero(), sum = Lanes::Ones(), h_y = Lanes::Zero(), active = Lanes::Zero(), v_y = Lanes::Zero();
   const bool stream = job.grad != nullptr && reinterpret_cast<std::uintptr_t>(job.grad) % 64 == 0 &&
                       std::size_t(job.rows) * C * sizeof(float) > kStreamBytes;  // rows of 16 C floats stay aligned
   double total = 0;
@@ -506,14 +501,13 @@ double comp_sum_flat(const CompSumJob<float>& job, Index begin, Index end) {
       }
       const __m512 sums = sum_lanes16(rows);
       _mm512_store_ps(sum.data() + 16 * q, sums);
-      // The label's logit (class 0 for ignored rows), -1 for the label of an ignored row: no class.
+      // The label's logit (class 0 for ignored rows).
       const __m512i y = _mm512_loadu_si512(job.labels + row);
       const __mmask16 counted = _mm512_cmpneq_epi32_mask(y, _mm512_set1_epi32(job.ignore_index));
       const __m512i column = _mm512_maskz_mov_epi32(counted, y);
       alignas(64) int columns[16];
       _mm512_store_si512(columns, column);
       for (int j = 0; j < 16; ++j) h_y(16 * q + j) = x[j * C + columns[j]];  // scalar loads: a gather is slower
-      _mm512_store_ps(label.data() + 16 * q, _mm512_cvtepi32_ps(_mm512_mask_mov_epi32(_mm512_set1_epi32(-1), counted, y)));
       const __m512 on = _mm512_maskz_mov_ps(counted, _mm512_set1_ps(1));
       _mm512_store_ps(active.data() + 16 * q, on);
       _mm512_store_ps(v_y.data() + 16 * q,
@@ -536,19 +530,24 @@ double comp_sum_flat(const CompSumJob<float>& job, Index begin, Index end) {
     }
     total += terms.value.sum();  // 128 terms in float, then double across chunks
     if (job.grad == nullptr) continue;
+    // Without smoothing a = b, so the label's entry a p_y - b is (a / s)(e_y - s): the label's
+    // exp less the row sum, fixed up first in scalar (in a pass of its own, so that the stores
+    // are done before the vector loads below read them), then every entry times a / s.
+    for (int q = 0; q < blocks; ++q) {
+      if (fallback >> q & 1) continue;
+      for (int j = 0; j < 16; ++j) {
+        const int y = job.labels[first + 16 * q + j];
+        if (y != job.ignore_index) e[16 * q * C + j * C + y] -= sum(16 * q + j);
+      }
+    }
     const Lanes scale = terms.a / sum;
     for (int q = 0; q < blocks; ++q) {
       if (fallback >> q & 1) continue;
-      const __m512 a = _mm512_load_ps(scale.data() + 16 * q), b = _mm512_load_ps(terms.b.data() + 16 * q);
-      const __m512 y = _mm512_load_ps(label.data() + 16 * q);
+      const __m512 a = _mm512_load_ps(scale.data() + 16 * q);
       float* g = job.grad + (first + 16 * q) * C;
       for (int k = 0; k < C; ++k) {
-        const __m512i lane_row = _mm512_loadu_si512(layout.row[k]);
-        const __mmask16 at_label =
-            _mm512_cmp_ps_mask(_mm512_loadu_ps(layout.cls[k]), _mm512_permutexvar_ps(lane_row, y), _CMP_EQ_OQ);
-        const __m512 gk = _mm512_mul_ps(_mm512_load_ps(e + 16 * (q * C + k)), _mm512_permutexvar_ps(lane_row, a));
-        const __m512 bk = uniform_b ? b_all : _mm512_permutexvar_ps(lane_row, b);
-        const __m512 gradient = _mm512_mask_sub_ps(gk, at_label, gk, bk);
+        const __m512 gradient =
+            _mm512_mul_ps(_mm512_load_ps(e + 16 * (q * C + k)), _mm512_permutexvar_ps(_mm512_loadu_si512(layout.row[k]), a));
         if (stream) {
           _mm512_stream_ps(g + 16 * k, gradient);
         } else {
