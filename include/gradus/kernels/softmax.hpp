@@ -374,35 +374,25 @@ S comp_sum_block(const CompSumJob<S>& job, Index first, Index count) {
 #ifdef EIGEN_VECTORIZE_AVX512
 // The few-class path for AVX-512 floats without the transposes, for contiguous rows and no
 // label smoothing. 16 rows of C classes are exactly C registers, so the rows stay in their
-// flat layout: one shift per 16 rows (their largest logit) stands in for the row maxima, the
-// row sums come from a tree of in-register shuffles, and each per-row factor reaches the flat
-// lanes by one permute. A block where some row lies far below the shift (its sum under
-// kFlatFloor, about e^-39) or that holds a non-finite logit goes to comp_sum_block instead;
-// elsewhere the terms a row loses to float's underflow are below e^-48 of its sum.
-// 1.3x the transposing path at 1048576 x 10 floats on the AMD EPYC VM this was tuned on.
+// flat layout: one shift per 16 rows (their largest logit) stands in for the row maxima, each
+// row's exps are read back by a masked load and summed by a tree of in-register shuffles, and
+// each per-row factor reaches the flat lanes by one permute. A block where some row lies far
+// below the shift (its sum under kFlatFloor, about e^-39) or that holds a non-finite logit goes
+// to comp_sum_block instead; elsewhere the terms a row loses to float's underflow are below
+// e^-48 of its sum.
 inline constexpr float kFlatFloor = 1e-17f;
 
-// Lane tables of C classes: the row and class of lane l of flat register k, and for row j
-// its first register and the lanes that pick it out of that register and the next.
+// The row of lane l of flat register k, for rows of C classes: the permute that spreads
+// per-row factors over the flat lanes.
 template <int C>
-struct FlatLayout {
-  struct Tables {
+struct FlatRows {
+  struct Table {
     int row[C][16];
-    float cls[C][16];
-    int first[16];
-    int pick[16][16];
   };
-  static constexpr Tables tables = [] {
-    Tables t{};
+  static constexpr Table table = [] {
+    Table t{};
     for (int k = 0; k < C; ++k) {
-      for (int l = 0; l < 16; ++l) {
-        t.row[k][l] = (16 * k + l) / C;
-        t.cls[k][l] = float((16 * k + l) % C);
-      }
-    }
-    for (int j = 0; j < 16; ++j) {
-      t.first[j] = j * C / 16;
-      for (int l = 0; l < 16; ++l) t.pick[j][l] = l < C ? j * C - 16 * t.first[j] + l : 0;
+      for (int l = 0; l < 16; ++l) t.row[k][l] = (16 * k + l) / C;
     }
     return t;
   }();
@@ -446,11 +436,11 @@ inline __m512 log_positive_normal(const __m512 x) {
   return _mm512_fmadd_ps(k, _mm512_set1_ps(0.693359375f), _mm512_add_ps(f, y));
 }
 
-// Rows [begin, end) in chunks of kFlatChunk rows (end - begin is a multiple of 32), in three
-// stages over each chunk: the exps and row sums of every block of 16 rows (into L1 scratch),
-// then the values and gradient factors of the whole chunk at once, then the gradient rows.
-// Staged so, each stage's iterations are independent: one block's chain of max, exps, sums,
-// log and gradient is longer than the out-of-order window overlaps. Returns the value sum.
+// Rows [begin, end) in chunks of kFlatChunk rows (end - begin is a multiple of 32), in stages
+// over each chunk: the shift of every block of 16 rows; their exps (into L1 scratch); the row
+// sums; the values and gradient factors of the whole chunk at once; the gradient rows. Staged
+// so, each stage's iterations are independent: one block's chain of max, exps, sums, log and
+// gradient is longer than the out-of-order window overlaps. Returns the value sum.
 inline constexpr Index kFlatChunk = 128;
 
 // Gradients above this size are written with streaming stores, as memcpy does for large copies:
@@ -461,7 +451,7 @@ inline constexpr std::size_t kStreamBytes = std::size_t(16) << 20;
 template <int C>
 double comp_sum_flat(const CompSumJob<float>& job, Index begin, Index end) {
   using Lanes = Eigen::Array<float, kFlatChunk, 1>;
-  constexpr auto& layout = FlatLayout<C>::tables;
+  constexpr auto& rows_of = FlatRows<C>::table.row;
   constexpr __mmask16 kRow = (1u << C) - 1;
   constexpr Index kAhead = 128;  // rows prefetched ahead by the exps' stage (64 and 256 were no faster)
   alignas(64) float e[kFlatChunk * C];  // the chunk's exps, in the rows' layout
@@ -489,18 +479,9 @@ double comp_sum_flat(const CompSumJob<float>& job, Index begin, Index end) {
           if (job.grad != nullptr) __builtin_prefetch(job.grad + (row + kAhead) * C + 16 * k, 1);
         }
       }
-      __m512 v[C];
       const __m512 s = _mm512_load_ps(shift.data() + 16 * q);
       const float largest = shift(16 * q);
-      for (int k = 0; k < C; ++k) _mm512_store_ps(e + 16 * (q * C + k), v[k] = pexp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(x + 16 * k), s)));
-      __m512 rows[16];
-      for (int j = 0; j < 16; ++j) {
-        const int f = layout.first[j];
-        const __m512i pick = _mm512_loadu_si512(layout.pick[j]);
-        rows[j] = _mm512_maskz_permutex2var_ps(kRow, v[f], pick, v[f + 1 < C ? f + 1 : f]);
-      }
-      const __m512 sums = sum_lanes16(rows);
-      _mm512_store_ps(sum.data() + 16 * q, sums);
+      for (int k = 0; k < C; ++k) _mm512_store_ps(e + 16 * (q * C + k), pexp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(x + 16 * k), s)));
       // The label's logit (class 0 for ignored rows).
       const __m512i y = _mm512_loadu_si512(job.labels + row);
       const __mmask16 counted = _mm512_cmpneq_epi32_mask(y, _mm512_set1_epi32(job.ignore_index));
@@ -512,9 +493,15 @@ double comp_sum_flat(const CompSumJob<float>& job, Index begin, Index end) {
       _mm512_store_ps(active.data() + 16 * q, on);
       _mm512_store_ps(v_y.data() + 16 * q,
                       job.class_weight ? _mm512_mask_i32gather_ps(_mm512_setzero_ps(), counted, column, job.class_weight, 4) : on);
-      if (!std::isfinite(largest) || _mm512_cmp_ps_mask(sums, _mm512_set1_ps(kFlatFloor), _CMP_GE_OQ) != 0xFFFF) {
-        fallback |= 1u << q;
-      }
+      if (!std::isfinite(largest)) fallback |= 1u << q;
+    }
+    // The row sums, each row read back by a masked load (the exps' stores are done by now).
+    for (int q = 0; q < blocks; ++q) {
+      __m512 rows[16];
+      for (int j = 0; j < 16; ++j) rows[j] = _mm512_maskz_loadu_ps(kRow, e + 16 * q * C + j * C);
+      const __m512 sums = sum_lanes16(rows);
+      _mm512_store_ps(sum.data() + 16 * q, sums);
+      if (_mm512_cmp_ps_mask(sums, _mm512_set1_ps(kFlatFloor), _CMP_GE_OQ) != 0xFFFF) fallback |= 1u << q;
     }
     Lanes log_s;  // a block that falls back may hold a sum of 0 or NaN: its values are dropped below
     for (int k = 0; k < kFlatChunk; k += 16) _mm512_store_ps(log_s.data() + k, log_positive_normal(_mm512_load_ps(sum.data() + k)));
@@ -547,7 +534,7 @@ double comp_sum_flat(const CompSumJob<float>& job, Index begin, Index end) {
       float* g = job.grad + (first + 16 * q) * C;
       for (int k = 0; k < C; ++k) {
         const __m512 gradient =
-            _mm512_mul_ps(_mm512_load_ps(e + 16 * (q * C + k)), _mm512_permutexvar_ps(_mm512_loadu_si512(layout.row[k]), a));
+            _mm512_mul_ps(_mm512_load_ps(e + 16 * (q * C + k)), _mm512_permutexvar_ps(_mm512_loadu_si512(rows_of[k]), a));
         if (stream) {
           _mm512_stream_ps(g + 16 * k, gradient);
         } else {
