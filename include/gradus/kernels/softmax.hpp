@@ -453,6 +453,8 @@ double comp_sum_flat(const CompSumJob<float>& job, Index begin, Index end) {
   using Lanes = Eigen::Array<float, kFlatChunk, 1>;
   constexpr auto& rows_of = FlatRows<C>::table.row;
   constexpr __mmask16 kRow = (1u << C) - 1;
+  const __m512i row_starts = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                                _mm512_set1_epi32(C));
   constexpr Index kAhead = 128;  // rows prefetched ahead by the exps' stage (64 and 256 were no faster)
   alignas(64) float e[kFlatChunk * C];  // the chunk's exps, in the rows' layout
   // Lanes past the last block of a short chunk keep harmless values (their results are dropped).
@@ -481,14 +483,23 @@ double comp_sum_flat(const CompSumJob<float>& job, Index begin, Index end) {
       }
       const __m512 s = _mm512_load_ps(shift.data() + 16 * q);
       const float largest = shift(16 * q);
-      for (int k = 0; k < C; ++k) _mm512_store_ps(e + 16 * (q * C + k), pexp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(x + 16 * k), s)));
-      // The label's logit (class 0 for ignored rows).
+      __m512 v[C];
+      for (int k = 0; k < C; ++k) {
+        v[k] = _mm512_loadu_ps(x + 16 * k);
+        _mm512_store_ps(e + 16 * (q * C + k), pexp_nonpositive(_mm512_sub_ps(v[k], s)));
+      }
+      // The label's logit (class 0 for ignored rows): lane j takes flat lane j C + y_j from the
+      // pair of registers that holds it (a gather, or scalar loads, cost twice as much).
       const __m512i y = _mm512_loadu_si512(job.labels + row);
       const __mmask16 counted = _mm512_cmpneq_epi32_mask(y, _mm512_set1_epi32(job.ignore_index));
       const __m512i column = _mm512_maskz_mov_epi32(counted, y);
-      alignas(64) int columns[16];
-      _mm512_store_si512(columns, column);
-      for (int j = 0; j < 16; ++j) h_y(16 * q + j) = x[j * C + columns[j]];  // scalar loads: a gather is slower
+      const __m512i at = _mm512_add_epi32(row_starts, column), pair = _mm512_srli_epi32(at, 5);
+      __m512 label_logit = _mm512_setzero_ps();
+      for (int k = 0; k < C; k += 2) {
+        const __m512 both = _mm512_permutex2var_ps(v[k], at, v[k + 1 < C ? k + 1 : k]);
+        label_logit = _mm512_mask_mov_ps(label_logit, _mm512_cmpeq_epi32_mask(pair, _mm512_set1_epi32(k / 2)), both);
+      }
+      _mm512_store_ps(h_y.data() + 16 * q, label_logit);
       const __m512 on = _mm512_maskz_mov_ps(counted, _mm512_set1_ps(1));
       _mm512_store_ps(active.data() + 16 * q, on);
       _mm512_store_ps(v_y.data() + 16 * q,
