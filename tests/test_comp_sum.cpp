@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <random>
 #include <vector>
@@ -246,6 +247,30 @@ TEMPLATE_TEST_CASE("extreme and all-equal logits", "[comp_sum]", float, double) 
 
 // The row max is the shift that keeps the exps finite: a huge logit anywhere in a row,
 // including the last, partial packet, must be found.
+// Gradients above detail::kStreamBytes go out by streaming stores when they are 64-byte
+// aligned: the same numbers as plain stores (a misaligned view of a second buffer) and as the
+// rows one at a time.
+TEST_CASE("large few-class gradients, streamed or stored, agree bitwise", "[comp_sum]") {
+  const Index c = 10, n = Index(detail::kStreamBytes / (c * sizeof(float))) + 1000;
+  const auto h = random_logits<float>(n, c, 2.0, 21);
+  Labels y = random_labels(n, c, 22);
+  y(5) = -100;
+  const CrossEntropyLoss<float> loss({.ignore_index = -100});
+  RowMatrix<float> streamed(n, c);
+  REQUIRE(reinterpret_cast<std::uintptr_t>(streamed.data()) % 64 == 0);  // Eigen's allocation: streamed
+  std::vector<float> buffer(std::size_t(n * c) + 1);
+  Eigen::Map<RowMatrix<float>> stored(buffer.data() + (reinterpret_cast<std::uintptr_t>(buffer.data()) % 64 == 0), n, c);
+  const float v1 = loss.value_and_grad(h, y, streamed), v2 = loss.value_and_grad(h, y, stored);
+  CHECK(v1 == v2);
+  CHECK(streamed == stored);
+  RowMatrix<float> row(1, c);
+  CHECK(streamed.row(5).isZero(0));
+  for (Index i : {Index(0), Index(12345), n / 2, n - 1}) {
+    loss.value_and_grad(h.row(i), y.segment(i, 1), row);
+    CHECK(streamed.row(i).isApprox(row / float(n - 1), 1e-5f));
+  }
+}
+
 TEMPLATE_TEST_CASE("the row max is found wherever it lies", "[comp_sum]", float, double) {
   using S = TestType;
   for (Index c : {17, 63, 64, 70, 100, 1000}) {
