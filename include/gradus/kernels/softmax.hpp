@@ -478,7 +478,8 @@ double comp_sum_flat(const CompSumJob<float>& job, Index begin, Index end) {
       if (row + kAhead + 16 <= job.rows) {
         for (int k = 0; k < C; ++k) {
           __builtin_prefetch(x + kAhead * C + 16 * k);
-          if (job.grad != nullptr) __builtin_prefetch(job.grad + (row + kAhead) * C + 16 * k, 1);
+          // (A streamed gradient is not read at all.)
+          if (job.grad != nullptr && !stream) __builtin_prefetch(job.grad + (row + kAhead) * C + 16 * k, 1);
         }
       }
       const __m512 s = _mm512_load_ps(shift.data() + 16 * q);
