@@ -247,6 +247,31 @@ TEMPLATE_TEST_CASE("extreme and all-equal logits", "[comp_sum]", float, double) 
 
 // The row max is the shift that keeps the exps finite: a huge logit anywhere in a row,
 // including the last, partial packet, must be found.
+// Rows of many classes whose gradient exceeds detail::kStreamBytes are built in a scratch row
+// and streamed out: the same bits as the rows one at a time, in place and into a strided block.
+TEMPLATE_TEST_CASE("large many-class gradients are streamed out unchanged", "[comp_sum]", float, double) {
+  using S = TestType;
+  const Index c = 1000, n = Index(detail::kStreamBytes / (c * sizeof(S))) + 7;
+  const auto h = random_logits<S>(n, c, 2.0, 31);
+  Labels y = random_labels(n, c, 32);
+  y(3) = -100;
+  const CompSumLoss<S> loss({.tau = S(1.5), .reduction = Reduction::Sum, .ignore_index = -100});
+  RowMatrix<S> g(n, c), wide(n, c + 3), row(1, c);
+  wide.setConstant(7);
+  const S total = loss.value_and_grad(h, y, g);
+  CHECK(loss.value_and_grad(h, y, wide.leftCols(c)) == total);
+  CHECK(wide.leftCols(c) == g);
+  CHECK((wide.rightCols(3).array() == 7).all());
+  RowMatrix<S> in_place = h;
+  CHECK(loss.value_and_grad(in_place, y, in_place) == total);
+  CHECK(in_place == g);
+  CHECK(g.row(3).isZero(0));
+  for (Index i : {Index(0), Index(1), n / 2, n - 1}) {
+    loss.value_and_grad(h.row(i), y.segment(i, 1), row);
+    CHECK(g.row(i) == row);
+  }
+}
+
 #ifdef EIGEN_VECTORIZE_AVX512
 // Gradients above detail::kStreamBytes go out by streaming stores (AVX-512 few-class path) when
 // they are 64-byte aligned: the same numbers as plain stores (a misaligned view of a second

@@ -27,8 +27,13 @@
 #include <cstdint>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 #include <Eigen/Core>
+
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
 
 #include "gradus/core/types.hpp"
 #include "gradus/kernels/logistic.hpp"
@@ -41,6 +46,46 @@ namespace gradus::detail {
 
 // Classes below this go through the across-samples path.
 inline constexpr Index kSmallClasses = 16;
+
+// Gradients above this size are written with streaming stores, as memcpy does for large copies:
+// they would leave the cache before they are read anyway, and a plain store first reads each
+// line from memory (half as much traffic again).
+inline constexpr std::size_t kStreamBytes = std::size_t(16) << 20;
+
+// Copies n entries with streaming stores where x86 has them (the destination's lines are not
+// read first); the caller ends with stream_fence(). Elsewhere a plain copy.
+template <class S>
+void stream_copy(const S* from, S* to, Index n) {
+#if defined(__SSE2__)
+#if defined(__AVX512F__)
+  using Vector = __m512i;
+  const auto store = [](S* at, const S* v) { _mm512_stream_si512(reinterpret_cast<Vector*>(at), _mm512_loadu_si512(v)); };
+#elif defined(__AVX__)
+  using Vector = __m256i;
+  const auto store = [](S* at, const S* v) {
+    _mm256_stream_si256(reinterpret_cast<Vector*>(at), _mm256_loadu_si256(reinterpret_cast<const Vector*>(v)));
+  };
+#else
+  using Vector = __m128i;
+  const auto store = [](S* at, const S* v) {
+    _mm_stream_si128(reinterpret_cast<Vector*>(at), _mm_loadu_si128(reinterpret_cast<const Vector*>(v)));
+  };
+#endif
+  constexpr Index kWidth = Index(sizeof(Vector) / sizeof(S));
+  Index j = 0;
+  for (; j < n && reinterpret_cast<std::uintptr_t>(to + j) % sizeof(Vector) != 0; ++j) to[j] = from[j];
+  for (; j + kWidth <= n; j += kWidth) store(to + j, from + j);
+  std::copy(from + j, from + n, to + j);
+#else
+  std::copy(from, from + n, to);
+#endif
+}
+
+inline void stream_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
 
 // One call of the kernel: the rows, the loss parameters and where results go.
 template <class S>
@@ -164,9 +209,10 @@ S max_of(const S* x, Index n) {
   return predux_max(pmax(pmax(acc[0], acc[1]), pmax(acc[2], acc[3])));
 }
 
-// One row of many classes; returns its (scaled) value.
+// One row of many classes; returns its (scaled) value. With `scratch` (cols entries) the
+// gradient row is built there, in cache, and streamed out to the gradient.
 template <class S>
-S comp_sum_row(const CompSumJob<S>& job, Index i) {
+S comp_sum_row(const CompSumJob<S>& job, Index i, S* scratch) {
   using Row = Eigen::Map<const Eigen::Array<S, Eigen::Dynamic, 1>>;
   using One = Eigen::Array<S, 1, 1>;
   const Index n = job.cols;
@@ -190,19 +236,21 @@ S comp_sum_row(const CompSumJob<S>& job, Index i) {
   const Index ahead = std::max<Index>(1, 8192 / (job.ld_logits * Index(sizeof(S))));
   const bool prefetch = i + ahead < job.rows;
   const S* next_x = prefetch ? x + ahead * job.ld_logits : nullptr;
-  S* next_g = prefetch && g != nullptr ? g + ahead * job.ld_grad : nullptr;
-  const S s = sum_exp(x, g, n, m, next_x, next_g);
+  S* next_g = prefetch && g != nullptr && scratch == nullptr ? g + ahead * job.ld_grad : nullptr;
+  S* e = scratch != nullptr && g != nullptr ? scratch : g;
+  const S s = sum_exp(x, e, n, m, next_x, next_g);
   const S log_s = std::log(s);
   const S v_y = job.class_weight ? job.class_weight[y] : S(1);
   const auto terms = comp_sum_terms(job, One(h_y - m - log_s), One(log_s), One(dot), One(v_y), One(1));
   if (g != nullptr) {
-    Eigen::Map<Eigen::Array<S, Eigen::Dynamic, 1>> grad(g, n);
+    Eigen::Map<Eigen::Array<S, Eigen::Dynamic, 1>> grad(e, n);
     grad *= terms.a(0) / s;
     if (terms.c(0) != 0) {
       if (job.class_weight) grad -= terms.c(0) * Row(job.class_weight, n);
       else grad -= terms.c(0);
     }
-    g[y] -= terms.b(0);
+    e[y] -= terms.b(0);
+    if (e != g) stream_copy(e, g, n);
   }
   if (job.per_sample != nullptr) job.per_sample[i] = terms.value(0);
   return terms.value(0);
@@ -443,11 +491,6 @@ inline __m512 log_positive_normal(const __m512 x) {
 // gradient is longer than the out-of-order window overlaps. Returns the value sum.
 inline constexpr Index kFlatChunk = 128;
 
-// Gradients above this size are written with streaming stores, as memcpy does for large copies:
-// they would leave the cache before they are read anyway, and a plain store first reads each
-// line from memory (a third more traffic).
-inline constexpr std::size_t kStreamBytes = std::size_t(16) << 20;
-
 template <int C>
 double comp_sum_flat(const CompSumJob<float>& job, Index begin, Index end) {
   using Lanes = Eigen::Array<float, kFlatChunk, 1>;
@@ -555,7 +598,7 @@ double comp_sum_flat(const CompSumJob<float>& job, Index begin, Index end) {
       }
     }
   }
-  if (stream) _mm_sfence();  // the streamed gradient is visible to every thread on return
+  if (stream) stream_fence();  // the streamed gradient is visible to every thread on return
   return total;
 }
 
@@ -593,7 +636,9 @@ double comp_sum_rows(const CompSumJob<S>& job) {
 #ifdef EIGEN_VECTORIZE_AVX512
   if constexpr (std::is_same_v<S, float>) flat = comp_sum_flat_for(job);
 #endif
+  const bool stream = !small && job.grad != nullptr && std::size_t(job.rows * job.cols) * sizeof(S) > kStreamBytes;
   auto run = [&](Index begin, Index end) {
+    std::vector<S> scratch(stream ? job.cols : 0);
     double total = 0;
     if (small && flat) {  // the whole blocks of rows in one call, the last one apart
       const Index whole = std::min(end, job.rows / lanes);
@@ -601,8 +646,10 @@ double comp_sum_rows(const CompSumJob<S>& job) {
       begin = std::max(begin, whole);
     }
     for (Index u = begin; u < end; ++u) {
-      total += small ? comp_sum_block(job, u * lanes, std::min(lanes, job.rows - u * lanes)) : comp_sum_row(job, u);
+      total += small ? comp_sum_block(job, u * lanes, std::min(lanes, job.rows - u * lanes))
+                     : comp_sum_row(job, u, stream ? scratch.data() : nullptr);
     }
+    if (stream) stream_fence();
     return total;
   };
 #ifdef GRADUS_OPENMP
