@@ -13,8 +13,9 @@
 // One pass structure per row, one exp per element: max, then e = exp(h - max) written
 // straight into the gradient row while summing (and while the rows about 8 KiB ahead are
 // requested from memory, so that its latency hides behind the exps), then the gradient row is
-// rescaled in place (the row is still in cache). Rows of few classes (C < kSmallClasses) are
-// all loop overhead row by row, so they take a second path: a block of kLanes rows is
+// rescaled in place (the row is still in cache); a gradient too large to stay in cache is
+// built in a scratch row instead and streamed out (kStreamBytes). Rows of few classes
+// (C < kSmallClasses) are all loop overhead row by row, so they take a second path: a block of kLanes rows is
 // transposed (in registers, with Eigen's packet transpose) so that each class is a vector of
 // samples, the same steps run across samples, and the gradient is transposed back. With
 // AVX-512 floats, contiguous rows skip the transposes (comp_sum_flat). With GRADUS_OPENMP,
