@@ -15,8 +15,8 @@ namespace gradus::detail {
 #pragma GCC diagnostic ignored "-Wignored-attributes"
 #endif
 
-// exp of x <= 0 (or NaN, which stays NaN): Eigen's pexp, except for AVX-512 floats, where
-// exp is most of the work of the kernels that call this. There a two-part ln 2 keeps
+// exp of x <= 0 (or NaN, which stays NaN): Eigen's pexp, except for AVX-512 floats and doubles,
+// where exp is most of the work of the kernels that call this. For floats a two-part ln 2 keeps
 // r = x - k ln 2 exact to ~1 ulp, a degree-6 polynomial fitted for relative error (3e-9) gives
 // exp(r) in six FMAs, and vscalefps multiplies by 2^k (rounding underflow to denormals or 0,
 // so no upper clamp is needed): 12 instructions instead of Eigen's 19, within 0.89 ulp of
@@ -39,12 +39,40 @@ EIGEN_ALWAYS_INLINE __m512 pexp_nonpositive(const __m512& x) {
   }
   return _mm512_scalef_ps(p, k);
 }
+// The same for doubles, in place of Eigen's pexp (19.4 cycles a packet, with a division): ln 2 in
+// two parts (the high one of 42 bits, so k ln2_hi is exact for |k| <= 2^11), and a degree-11
+// polynomial 1 + r + r^2 P(r), minimax for relative error (3.7e-18; 7.3e-18 with coefficients
+// rounded to double): 18 instructions, ~9 cycles a packet, within 0.97 ulp of exp on 1e8
+// random doubles in [-745, 0] (within one denormal below -708.4, 0 below -745.14).
+EIGEN_ALWAYS_INLINE __m512d pexp_nonpositive(const __m512d& x) {
+  // Below -746, exp(x) < 2^-1076 rounds to 0; max keeps NaN (its second operand).
+  const __m512d v = _mm512_max_pd(_mm512_set1_pd(-746.0), x);
+  const __m512d k = _mm512_roundscale_pd(_mm512_mul_pd(v, _mm512_set1_pd(1.4426950408889634)),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512d r = _mm512_fnmadd_pd(k, _mm512_set1_pd(0x1.62e42fefa38p-1), v);  // exact
+  r = _mm512_fnmadd_pd(k, _mm512_set1_pd(0x1.ef358p-45), r);                // |r| <= ln 2 / 2
+  // c[i] is P's coefficient of r^i. Horner, except that the terms from r^2 on are two chains in
+  // r^2, even and odd, for a shorter latency (one chain takes ~9.7 cycles a packet).
+  const double c[] = {0x1.000000000000ap-1,  0x1.55555555554fbp-3,  0x1.5555555550827p-5,
+                      0x1.1111111127cc3p-7,  0x1.6c16c1843ad0fp-10, 0x1.a01a012a27f18p-13,
+                      0x1.a01999dd3d258p-16, 0x1.71df2573d83aap-19, 0x1.28ad9fc932ac4p-22,
+                      0x1.ad7fac3a3dbb3p-26};
+  const __m512d r2 = _mm512_mul_pd(r, r);
+  __m512d even = _mm512_set1_pd(c[8]), odd = _mm512_set1_pd(c[9]);
+  for (int i = 6; i >= 2; i -= 2) {
+    even = _mm512_fmadd_pd(even, r2, _mm512_set1_pd(c[i]));
+    odd = _mm512_fmadd_pd(odd, r2, _mm512_set1_pd(c[i + 1]));
+  }
+  __m512d p = _mm512_fmadd_pd(odd, r, even);
+  for (const double a : {c[1], c[0], 1.0, 1.0}) p = _mm512_fmadd_pd(p, r, _mm512_set1_pd(a));
+  return _mm512_scalef_pd(p, k);
+}
 #endif
 
 // The logistic function at x from one exp: with e = exp(-|x|) in [0, 1] and r = 1/(1 + e),
 // sigma(x) = (x >= 0 ? r : e r) and 1 - sigma(x) = (x >= 0 ? e r : r), both without
 // cancellation and finite for every x; sigma (1 - sigma) = e r^2. At +-inf they are exact
-// (in double, Eigen's exp leaves a denormal, ~1e-308, for the 0). NaN stays NaN.
+// (in double without AVX-512, Eigen's exp leaves a denormal, ~1e-308, for the 0). NaN stays NaN.
 template <class Packet>
 struct Logistic {
   Packet e, r, sigma, complement;
