@@ -521,7 +521,7 @@ double comp_sum_flat(const CompSumJob<float>& job, Index begin, Index end) {
       const float* x = job.logits + row * C;
       if (row + kAhead + 16 <= job.rows) {
         for (int k = 0; k < C; ++k) {
-          __builtin_prefetch(x + kAhead * C + 16 * k);
+          __builtin_prefetch(x + kAhead * C + 16 * k, 0, 0);  // non-temporal: 9% faster than into every level
           // (A streamed gradient is not read at all.)
           if (job.grad != nullptr && !stream) __builtin_prefetch(job.grad + (row + kAhead) * C + 16 * k, 1);
         }
