@@ -497,10 +497,15 @@ double comp_sum_flat(const CompSumJob<float>& job, Index begin, Index end) {
   using Lanes = Eigen::Array<float, kFlatChunk, 1>;
   constexpr auto& rows_of = FlatRows<C>::table.row;
   constexpr __mmask16 kRow = (1u << C) - 1;
-  const __m512i row_starts = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                                _mm512_set1_epi32(C));
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i row_starts = _mm512_mullo_epi32(lanes, _mm512_set1_epi32(C));
+  // Without weights and at tau = 1 the label's term b is the same on every counted row.
+  using One = Eigen::Array<float, 1, 1>;
+  const bool uniform_b = job.class_weight == nullptr && job.tau == 1;
+  const __m512 b_all = _mm512_set1_ps(comp_sum_terms(job, One(0), One(0), One(0), One(1), One(1)).b(0));
   constexpr Index kAhead = 128;  // rows prefetched ahead by the exps' stage (64 and 256 were no faster)
   alignas(64) float e[kFlatChunk * C];  // the chunk's exps, in the rows' layout
+  alignas(64) int label_at[kFlatChunk];     // the flat lane of each row's label in its block, -1 if ignored
   // Lanes past the last block of a short chunk keep harmless values (their results are dropped).
   Lanes shift = Lanes::Zero(), sum = Lanes::Ones(), h_y = Lanes::Zero(), active = Lanes::Zero(), v_y = Lanes::Zero();
   const bool stream = job.grad != nullptr && reinterpret_cast<std::uintptr_t>(job.grad) % 64 == 0 &&
@@ -545,6 +550,7 @@ double comp_sum_flat(const CompSumJob<float>& job, Index begin, Index end) {
         label_logit = _mm512_mask_mov_ps(label_logit, _mm512_cmpeq_epi32_mask(pair, _mm512_set1_epi32(k / 2)), both);
       }
       _mm512_store_ps(h_y.data() + 16 * q, label_logit);
+      _mm512_store_si512(label_at + 16 * q, _mm512_mask_mov_epi32(_mm512_set1_epi32(-1), counted, at));
       const __m512 on = _mm512_maskz_mov_ps(counted, _mm512_set1_ps(1));
       _mm512_store_ps(active.data() + 16 * q, on);
       _mm512_store_ps(v_y.data() + 16 * q,
@@ -573,24 +579,19 @@ double comp_sum_flat(const CompSumJob<float>& job, Index begin, Index end) {
     }
     total += terms.value.sum();  // 128 terms in float, then double across chunks
     if (job.grad == nullptr) continue;
-    // Without smoothing a = b, so the label's entry a p_y - b is (a / s)(e_y - s): the label's
-    // exp less the row sum, fixed up first in scalar (in a pass of its own, so that the stores
-    // are done before the vector loads below read them), then every entry times a / s.
-    for (int q = 0; q < blocks; ++q) {
-      if (fallback >> q & 1) continue;
-      for (int j = 0; j < 16; ++j) {
-        const int y = job.labels[first + 16 * q + j];
-        if (y != job.ignore_index) e[16 * q * C + j * C + y] -= sum(16 * q + j);
-      }
-    }
     const Lanes scale = terms.a / sum;
     for (int q = 0; q < blocks; ++q) {
       if (fallback >> q & 1) continue;
-      const __m512 a = _mm512_load_ps(scale.data() + 16 * q);
+      const __m512 a = _mm512_load_ps(scale.data() + 16 * q), b = _mm512_load_ps(terms.b.data() + 16 * q);
+      const __m512i at = _mm512_load_si512(label_at + 16 * q);
       float* g = job.grad + (first + 16 * q) * C;
       for (int k = 0; k < C; ++k) {
-        const __m512 gradient =
-            _mm512_mul_ps(_mm512_load_ps(e + 16 * (q * C + k)), _mm512_permutexvar_ps(_mm512_loadu_si512(rows_of[k]), a));
+        // a p - b at the lanes where the row's label lands, a p elsewhere.
+        const __m512i lane_row = _mm512_loadu_si512(rows_of[k]);
+        const __mmask16 at_label = _mm512_cmpeq_epi32_mask(_mm512_permutexvar_epi32(lane_row, at),
+                                                           _mm512_add_epi32(_mm512_set1_epi32(16 * k), lanes));
+        const __m512 ap = _mm512_mul_ps(_mm512_load_ps(e + 16 * (q * C + k)), _mm512_permutexvar_ps(lane_row, a));
+        const __m512 gradient = _mm512_mask_sub_ps(ap, at_label, ap, uniform_b ? b_all : _mm512_permutexvar_ps(lane_row, b));
         if (stream) {
           _mm512_stream_ps(g + 16 * k, gradient);
         } else {
