@@ -60,7 +60,9 @@ void stream_copy(const S* from, S* to, Index n) {
 #if defined(__SSE2__)
 #if defined(__AVX512F__)
   using Vector = __m512i;
-  const auto store = [](S* at, const S* v) { _mm512_stream_si512(reinterpret_cast<Vector*>(at), _mm512_loadu_si512(v)); };
+  const auto store = [](S* at, const S* v) {
+    _mm512_stream_si512(reinterpret_cast<Vector*>(at), _mm512_loadu_si512(v));
+  };
 #elif defined(__AVX__)
   using Vector = __m256i;
   const auto store = [](S* at, const S* v) {
@@ -505,7 +507,7 @@ double comp_sum_flat(const CompSumJob<float>& job, Index begin, Index end) {
   const __m512 b_all = _mm512_set1_ps(comp_sum_terms(job, One(0), One(0), One(0), One(1), One(1)).b(0));
   constexpr Index kAhead = 128;  // rows prefetched ahead by the exps' stage (64 and 256 were no faster)
   alignas(64) float e[kFlatChunk * C];  // the chunk's exps, in the rows' layout
-  alignas(64) int label_at[kFlatChunk];     // the flat lane of each row's label in its block, -1 if ignored
+  alignas(64) int label_at[kFlatChunk];  // each row's label as a lane of its block's registers, -1 if ignored
   // Lanes past the last block of a short chunk keep harmless values (their results are dropped).
   Lanes shift = Lanes::Zero(), sum = Lanes::Ones(), h_y = Lanes::Zero(), active = Lanes::Zero(), v_y = Lanes::Zero();
   const bool stream = job.grad != nullptr && reinterpret_cast<std::uintptr_t>(job.grad) % 64 == 0 &&
@@ -566,7 +568,9 @@ double comp_sum_flat(const CompSumJob<float>& job, Index begin, Index end) {
       if (_mm512_cmp_ps_mask(sums, _mm512_set1_ps(kFlatFloor), _CMP_GE_OQ) != 0xFFFF) fallback |= 1u << q;
     }
     Lanes log_s;  // a block that falls back may hold a sum of 0 or NaN: its values are dropped below
-    for (int k = 0; k < kFlatChunk; k += 16) _mm512_store_ps(log_s.data() + k, log_positive_normal(_mm512_load_ps(sum.data() + k)));
+    for (int k = 0; k < kFlatChunk; k += 16) {
+      _mm512_store_ps(log_s.data() + k, log_positive_normal(_mm512_load_ps(sum.data() + k)));
+    }
     auto terms = comp_sum_terms(job, Lanes(h_y - shift - log_s), log_s, Lanes(Lanes::Zero()), v_y, active);
     for (int q = blocks; q < kFlatChunk / 16; ++q) terms.value.template segment<16>(16 * q).setZero();
     for (int q = 0; q < blocks; ++q) {
@@ -591,7 +595,8 @@ double comp_sum_flat(const CompSumJob<float>& job, Index begin, Index end) {
         const __mmask16 at_label = _mm512_cmpeq_epi32_mask(_mm512_permutexvar_epi32(lane_row, at),
                                                            _mm512_add_epi32(_mm512_set1_epi32(16 * k), lanes));
         const __m512 ap = _mm512_mul_ps(_mm512_load_ps(e + 16 * (q * C + k)), _mm512_permutexvar_ps(lane_row, a));
-        const __m512 gradient = _mm512_mask_sub_ps(ap, at_label, ap, uniform_b ? b_all : _mm512_permutexvar_ps(lane_row, b));
+        const __m512 b_k = uniform_b ? b_all : _mm512_permutexvar_ps(lane_row, b);
+        const __m512 gradient = _mm512_mask_sub_ps(ap, at_label, ap, b_k);
         if (stream) {
           _mm512_stream_ps(g + 16 * k, gradient);
         } else {
