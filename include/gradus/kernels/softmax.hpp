@@ -107,6 +107,12 @@ struct CompSumJob {
   S* per_sample = nullptr;    // optional per-row values
 };
 
+// Whether the job's gradient is large enough to be streamed out (kStreamBytes).
+template <class S>
+bool streams_gradient(const CompSumJob<S>& job) {
+  return job.grad != nullptr && std::size_t(job.rows * job.cols) * sizeof(S) > kStreamBytes;
+}
+
 // Per-sample value and gradient coefficients (see the header comment) on lanes of samples;
 // A is an Eigen array, one lane per sample. active is 1 for counted rows, 0 otherwise;
 // callers zero the ignored rows themselves.
@@ -510,8 +516,8 @@ double comp_sum_flat(const CompSumJob<float>& job, Index begin, Index end) {
   alignas(64) int label_at[kFlatChunk];  // each row's label as a lane of its block's registers, -1 if ignored
   // Lanes past the last block of a short chunk keep harmless values (their results are dropped).
   Lanes shift = Lanes::Zero(), sum = Lanes::Ones(), h_y = Lanes::Zero(), active = Lanes::Zero(), v_y = Lanes::Zero();
-  const bool stream = job.grad != nullptr && reinterpret_cast<std::uintptr_t>(job.grad) % 64 == 0 &&
-                      std::size_t(job.rows) * C * sizeof(float) > kStreamBytes;  // rows of 16 C floats stay aligned
+  // Streaming stores here need 64-byte alignment: rows of 16 C floats keep the gradient's.
+  const bool stream = streams_gradient(job) && reinterpret_cast<std::uintptr_t>(job.grad) % 64 == 0;
   double total = 0;
   for (Index first = begin; first < end; first += kFlatChunk) {
     const int blocks = int(std::min(kFlatChunk, end - first) / 16);
@@ -643,7 +649,7 @@ double comp_sum_rows(const CompSumJob<S>& job) {
 #ifdef EIGEN_VECTORIZE_AVX512
   if constexpr (std::is_same_v<S, float>) flat = comp_sum_flat_for(job);
 #endif
-  const bool stream = !small && job.grad != nullptr && std::size_t(job.rows * job.cols) * sizeof(S) > kStreamBytes;
+  const bool stream = !small && streams_gradient(job);
   auto run = [&](Index begin, Index end) {
     std::vector<S> scratch(stream ? job.cols : 0);
     double total = 0;
