@@ -164,7 +164,7 @@ void exp_shifted(const typename A::Scalar* x, const A& m, typename A::Scalar* e)
 
 // sum_j exp(x_j - m), writing the terms to e when it is not null: chunks of four packets,
 // then whole packets, then the last partial packet padded with -inf (exp = 0, or a denormal
-// in double) so that every exp is a vector one. While the exps keep the core busy, the rows
+// in double without AVX-512) so that every exp is a vector one. While the exps keep the core busy, the rows
 // starting at next_x and next_e (when not null, n entries each) are requested from memory,
 // so that they arrive before they are read.
 template <class S>
