@@ -15,13 +15,13 @@
 // requested from memory, so that its latency hides behind the exps), then the gradient row is
 // rescaled in place (the row is still in cache); a gradient too large to stay in cache is
 // built in a scratch row instead and streamed out (kStreamBytes). Rows of few classes
-// (C < kSmallClasses) are all loop overhead row by row, so they take a second path: a block of kLanes rows is
-// transposed (in registers, with Eigen's packet transpose) so that each class is a vector of
-// samples, the same steps run across samples, and the gradient is transposed back. With
-// AVX-512 floats, contiguous rows skip the transposes (comp_sum_flat). With GRADUS_OPENMP,
-// rows are split statically over threads and the per-thread sums are added in thread order
-// (deterministic for a given thread count; the gradient does not depend on it). dlogits may
-// alias logits. The value is summed in double.
+// (C < kSmallClasses) are all loop overhead row by row, so they take a second path: a block
+// of kLanes rows is transposed (in registers, with Eigen's packet transpose) so that each
+// class is a vector of samples, the same steps run across samples, and the gradient is
+// transposed back. With AVX-512 floats, contiguous rows skip the transposes (comp_sum_flat).
+// With GRADUS_OPENMP, rows are split statically over threads and the per-thread sums are added
+// in thread order (deterministic for a given thread count; the gradient does not depend on
+// it). dlogits may alias logits. The value is summed in double.
 
 #include <algorithm>
 #include <cmath>
@@ -164,9 +164,9 @@ void exp_shifted(const typename A::Scalar* x, const A& m, typename A::Scalar* e)
 
 // sum_j exp(x_j - m), writing the terms to e when it is not null: chunks of four packets,
 // then whole packets, then the last partial packet padded with -inf (exp = 0, or a denormal
-// in double without AVX-512) so that every exp is a vector one. While the exps keep the core busy, the rows
-// starting at next_x and next_e (when not null, n entries each) are requested from memory,
-// so that they arrive before they are read.
+// in double without AVX-512) so that every exp is a vector one. While the exps keep the core
+// busy, the rows starting at next_x and next_e (when not null, n entries each) are requested
+// from memory, so that they arrive before they are read.
 template <class S>
 S sum_exp(const S* x, S* e, Index n, S m, const S* next_x = nullptr, S* next_e = nullptr) {
   using namespace Eigen::internal;
