@@ -10,6 +10,8 @@
 
 #include <Eigen/Core>
 
+#include "gradus/core/types.hpp"
+
 namespace gradus {
 
 class invalid_argument : public std::invalid_argument {
@@ -72,6 +74,18 @@ void require_in_range(std::string_view function, std::string_view argument, T va
   const bool ok = value >= low && (high_inclusive ? value <= high : value < high);
   require(ok, function, argument,
           "a value in [" + to_text(low) + ", " + to_text(high) + (high_inclusive ? "]" : ")"), value);
+}
+
+// An enum among its first `count` enumerators: rejects casts such as Reduction(7), which
+// would otherwise fall through a switch or an if-chain into some other branch.
+template <class Enum>
+void require_enumerator(std::string_view function, std::string_view argument, Enum value, int count) {
+  const auto raw = static_cast<long long>(value);
+  require(raw >= 0 && raw < count, function, argument, "one of its " + to_text(count) + " enumerators", raw);
+}
+
+inline void require_reduction(std::string_view function, Reduction reduction) {
+  require_enumerator(function, "reduction", reduction, 3);
 }
 
 inline void require_size(std::string_view function, std::string_view argument, Eigen::Index given,
