@@ -1,5 +1,6 @@
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -24,6 +25,13 @@ template <class S>
 auto logistic_objective(Index rows, Index cols, S l2) {
   auto [X, y] = problems::classification_data<S>(rows, cols, 11);
   return make_objective(LinearModel<S>(cols, 1), LogisticLoss<S>{}, std::move(X), std::move(y), {.l2 = l2});
+}
+
+// J^T products a finite outer step costs: one per inner step tried, that is one per accepted
+// step, plus the one whose line search failed when the inner loop stopped early.
+template <class S>
+Index expected_vjps(const SSOStep<S>& step, Index inner_steps) {
+  return std::min(step.inner_steps + 1, inner_steps);
 }
 
 }  // namespace
@@ -62,8 +70,10 @@ TEMPLATE_TEST_CASE("SSO with line search decreases the full-batch loss monotonic
     auto state = sso.init(theta);
     S previous = objective.value(theta);
     const S initial = previous;
+    Index vjps = 0;
     for (int t = 0; t < outer_steps; ++t) {
       const auto step = sso.step(objective, theta, state);
+      vjps += expected_vjps(step, sso.inner_steps);
       const S now = objective.value(theta);
       CHECK(step.loss == Approx(previous).epsilon(1e-5));
       CHECK(step.surrogate_end <= step.loss);
@@ -74,14 +84,37 @@ TEMPLATE_TEST_CASE("SSO with line search decreases the full-batch loss monotonic
     CHECK(previous < S(0.8) * initial);
     CHECK(state.counts.oracle_calls == outer_steps);
     CHECK(state.counts.inner_steps > outer_steps);
-    return state.counts;
+    // Whether a line search runs out of decrease near the optimum depends on rounding (it
+    // does on some instruction sets), so the cost is checked against each step's own count.
+    CHECK(state.counts.model_vjps == vjps);
+    CHECK(state.counts.model_vjps <= state.counts.inner_steps + outer_steps);
   };
-  const auto counts = check(linear, SSO<S>{.eta = S(4), .inner_steps = 20}, 15);
-  CHECK(counts.model_vjps == counts.inner_steps);  // one J^T per accepted inner step here
+  check(linear, SSO<S>{.eta = S(4), .inner_steps = 20}, 15);
   check(network, SSO<S>{.eta = S(2), .inner_steps = 10}, 10);  // non-convex model, still monotone
   // Any transform can run the inner loop.
   check(linear, SSO<S, Adam<S>>{.eta = S(4), .inner_steps = 20, .inner = adam<S>({.learning_rate = 0.05})}, 10);
   check(linear, SSO<S>{.eta = S(4), .inner_steps = 20, .reset_inner_state = false}, 10);
+}
+
+TEMPLATE_TEST_CASE("SSO counts the J^T of an inner step whose line search fails", "[sso]", float, double) {
+  using S = TestType;
+  auto objective = logistic_objective<S>(40, 3, S(0.01));
+  // Two trial steps of about 1e30 along -grad: both overshoot, so each inner loop stops at once.
+  const SSO<S> sso{.eta = S(3), .inner_steps = 5, .armijo = {.initial_step = S(1e30), .max_backtracks = 1}};
+  Vector<S> theta = objective.model().init_params(2);
+  const Vector<S> start = theta;
+  auto state = sso.init(theta);
+  for (int t = 0; t < 3; ++t) {
+    const auto step = sso.step(objective, theta, state);
+    CHECK(step.finite);
+    CHECK(step.inner_steps == 0);
+    CHECK(step.surrogate_end == step.loss);
+    CHECK(expected_vjps(step, sso.inner_steps) == 1);
+  }
+  CHECK(theta == start);
+  CHECK(state.counts.inner_steps == 0);
+  CHECK(state.counts.model_vjps == 3);              // one per failed search, not one per accepted step
+  CHECK(state.counts.model_predictions == 3 + 3 * 2);  // z_t, and each of the two trials
 }
 
 TEST_CASE("SSO with an exact inner solve on a linear model is the preconditioned step", "[sso]") {
