@@ -1,7 +1,13 @@
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
 #include <sstream>
+#include <streambuf>
+#include <string>
 
 #include <gradus/optim/transforms.hpp>
 
@@ -163,7 +169,7 @@ TEMPLATE_TEST_CASE("saved and restored state continues bit-identically", "[trans
   steps(resumed, first_state, 0, 17);
   std::stringstream checkpoint;
   save_state(checkpoint, first_state);
-  auto restored = opt.init(Vector<S>::Zero(3));  // wrong size on purpose: load resizes
+  decltype(first_state) restored;  // empty: load sizes it (a target of another size is refused)
   load_state(checkpoint, restored);
   CHECK(std::get<1>(restored).step == 17);
   CHECK(std::get<1>(restored).mu == std::get<1>(first_state).mu);
@@ -185,7 +191,7 @@ TEMPLATE_TEST_CASE("saved and restored state continues bit-identically", "[trans
 
 TEST_CASE("transforms reject bad hyperparameters, sizes and streams", "[transforms][errors]") {
   CHECK_THROWS_WITH(sgd<double>({.learning_rate = 0}),
-                    "gradus::sgd: argument 'learning_rate': expected a value > 0, got 0");
+                    "gradus::sgd: argument 'learning_rate': expected a finite value > 0, got 0");
   CHECK_THROWS_AS(sgd<double>({.learning_rate = -1}), gradus::invalid_argument);
   CHECK_THROWS_AS(sgd<double>({.learning_rate = std::nan("")}), gradus::invalid_argument);
   CHECK_THROWS_AS(momentum<double>({.momentum = 1.0}), gradus::invalid_argument);
@@ -227,4 +233,495 @@ TEST_CASE("non-finite gradients propagate as NaN", "[transforms]") {
   opt.update(u, state, params);
   CHECK(std::isnan(u(1)));
   CHECK(std::isfinite(u(0)));
+}
+
+// ---------------------------------------------------------------------------------------
+// Checkpoints.
+
+namespace {
+
+template <class State>
+std::string saved(const State& state) {
+  std::stringstream out;
+  save_state(out, state);
+  return out.str();
+}
+
+// Loads `bytes` into `target`: either it loads exactly `expected`, or it throws
+// gradus::invalid_argument and leaves the target as it was. Returns whether it loaded.
+template <class State>
+bool loads_exactly_or_refuses(const std::string& bytes, State& target, const std::string& expected) {
+  const std::string before = saved(target);
+  std::stringstream in(bytes);
+  try {
+    load_state(in, target);
+  } catch (const gradus::invalid_argument&) {
+    CHECK(saved(target) == before);
+    return false;
+  }
+  CHECK(saved(target) == expected);
+  return true;
+}
+
+// A readable stream that cannot seek (a pipe, a socket): load_state cannot ask its size.
+class UnseekableBuffer : public std::streambuf {
+ public:
+  explicit UnseekableBuffer(std::string bytes) : bytes_(std::move(bytes)) {
+    setg(bytes_.data(), bytes_.data(), bytes_.data() + bytes_.size());
+  }
+
+ private:
+  std::string bytes_;
+};
+
+template <class S>
+Vector<S> stepped(Index size) {
+  return Vector<S>::LinSpaced(size, S(-1), S(1));
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("every state round-trips bit-exactly", "[transforms][checkpoint]", float, double) {
+  using S = TestType;
+  auto round_trip = [](const auto& transform) {
+    const Vector<S> params = stepped<S>(5);
+    auto state = transform.init(params);
+    for (Index k = 0; k < 3; ++k) {
+      Vector<S> u = gradient_at<S>(k, 5);
+      transform.update(u, state, params);
+    }
+    const std::string bytes = saved(state);
+    decltype(state) empty;
+    auto sized = transform.init(params);
+    for (auto* target : {&empty, &sized}) {
+      std::stringstream in(bytes);
+      load_state(in, *target);
+      CHECK(saved(*target) == bytes);
+    }
+  };
+  round_trip(scale<S>(S(2)));
+  round_trip(scale_by_learning_rate<S>(StepDecay<S>{.initial = S(0.5), .factor = S(0.5), .every = 2}));
+  round_trip(sgd<S>());
+  round_trip(momentum<S>({.nesterov = true}));
+  round_trip(adam<S>());
+  round_trip(adamw<S>());
+  round_trip(scale_by_adam<S>());
+  round_trip(chain(clip_by_global_norm<S>(S(1)), momentum<S>(), chain(scale_by_adam<S>(), scale<S>(S(-1)))));
+
+  // Two checkpoints back to back in one stream.
+  const auto opt = adam<S>();
+  auto first = opt.init(stepped<S>(2));
+  auto second = opt.init(stepped<S>(4));
+  second.step = 9;
+  std::stringstream stream;
+  save_state(stream, first);
+  save_state(stream, second);
+  AdamState<S> a, b;
+  load_state(stream, a);
+  load_state(stream, b);
+  CHECK(saved(a) == saved(first));
+  CHECK(saved(b) == saved(second));
+}
+
+TEMPLATE_TEST_CASE("every corrupted byte and every truncation of a checkpoint is refused, the target untouched",
+                   "[transforms][checkpoint]", float, double) {
+  using S = TestType;
+  auto campaign = [](const auto& transform, Index size) {
+    const Vector<S> params = stepped<S>(size);
+    auto state = transform.init(params);
+    for (Index k = 0; k < 2; ++k) {
+      Vector<S> u = gradient_at<S>(k, size);
+      transform.update(u, state, params);
+    }
+    const std::string bytes = saved(state);
+    auto sized = transform.init(params);  // a target of known sizes, with other values
+    Vector<S> u = gradient_at<S>(7, size);
+    transform.update(u, sized, params);
+    decltype(state) empty;  // a target of unknown sizes
+    std::size_t loaded = 0;
+    for (std::size_t offset = 0; offset < bytes.size(); ++offset) {
+      for (const unsigned char flip : {0x01, 0x80, 0xff}) {
+        std::string corrupted = bytes;
+        corrupted[offset] = static_cast<char>(static_cast<unsigned char>(corrupted[offset]) ^ flip);
+        auto target_sized = sized;
+        auto target_empty = empty;
+        loaded += loads_exactly_or_refuses(corrupted, target_sized, bytes);
+        loaded += loads_exactly_or_refuses(corrupted, target_empty, bytes);
+      }
+    }
+    CHECK(loaded == 0);  // every single-byte change is detected
+    for (std::size_t length = 0; length < bytes.size(); ++length) {
+      auto target = sized;
+      CHECK_FALSE(loads_exactly_or_refuses(bytes.substr(0, length), target, bytes));
+    }
+    auto target = empty;
+    CHECK(loads_exactly_or_refuses(bytes, target, bytes));
+  };
+  campaign(adam<S>(), 3);
+  campaign(chain(clip_by_global_norm<S>(S(1)), momentum<S>(), adamw<S>(), scale<S>(S(0.5))), 2);
+}
+
+TEST_CASE("load_state checks the header against the target before touching it", "[transforms][checkpoint][errors]") {
+  const auto opt = adam<double>();
+  const Vector<double> params = stepped<double>(3);
+  auto state = opt.init(params);
+  Vector<double> u = gradient_at<double>(0, 3);
+  opt.update(u, state, params);
+  const std::string bytes = saved(state);
+  std::uint32_t signature_length = 0;
+  std::memcpy(&signature_length, bytes.data() + 16, 4);
+  const std::size_t mu_length_offset = 20 + signature_length;  // then nu's length, then the values
+  auto with_int64 = [&](std::size_t offset, std::int64_t value) {
+    std::string patched = bytes;
+    std::memcpy(patched.data() + offset, &value, 8);
+    return patched;
+  };
+  auto message = [](const std::string& file, auto& target) {
+    std::stringstream in(file);
+    try {
+      load_state(in, target);
+    } catch (const gradus::invalid_argument& error) {
+      return std::string(error.what());
+    }
+    return std::string("loaded");
+  };
+  const std::string before = saved(state);
+
+  // A length of 2^33 entries, -3, or more than the stream holds: refused before any allocation,
+  // into a sized or an empty target, which then destroys cleanly.
+  AdamState<double> empty;
+  for (const std::int64_t length : {std::int64_t(1) << 33, std::int64_t(-3), std::int64_t(4)}) {
+    CAPTURE(length);
+    CHECK(message(with_int64(mu_length_offset, length), state).find("gradus::load_state: argument 'state.mu'") == 0);
+    CHECK(saved(state) == before);
+    CHECK(message(with_int64(mu_length_offset, length), empty) != "loaded");
+  }
+  CHECK(message(with_int64(mu_length_offset, std::int64_t(1) << 33), empty) ==
+        "gradus::load_state: argument 'stream': expected 68719476784 more bytes (the sizes in its header), got 72 "
+        "(a truncated checkpoint)");
+  CHECK(message(with_int64(mu_length_offset, -3), empty) ==
+        "gradus::load_state: argument 'state.mu': expected an entry count in [0, 2^48], got -3");
+  CHECK(empty.mu.size() == 0);
+  CHECK(message(with_int64(mu_length_offset, 4), state) ==
+        "gradus::load_state: argument 'state.mu': expected 3 entries (the size of the target state), got 4");
+
+  // A stream that cannot tell its size: the vector grows with the data actually read.
+  for (const std::int64_t length : {std::int64_t(1) << 33, std::int64_t(1) << 40}) {
+    UnseekableBuffer buffer(with_int64(mu_length_offset, length));
+    std::istream in(&buffer);
+    CHECK_THROWS_WITH(load_state(in, empty), Catch::Contains("expected a complete checkpoint, got one truncated"));
+    CHECK(empty.mu.size() == 0);
+  }
+  UnseekableBuffer intact(bytes);
+  std::istream intact_stream(&intact);
+  load_state(intact_stream, empty);
+  CHECK(saved(empty) == bytes);
+
+  // The wrong type, scalar, byte order or version; garbage; a truncated file.
+  const std::string sgd_bytes = saved(momentum<double>().init(params));
+  CHECK(message(sgd_bytes, state) ==
+        "gradus::load_state: argument 'stream': expected a checkpoint of adam(step: int64, learning_rate: double, "
+        "mu: double[], nu: double[]), got sgd(step: int64, learning_rate: double, velocity: double[])");
+  AdamState<float> single = adam<float>().init(params.cast<float>());
+  CHECK(message(bytes, single).find("expected a checkpoint of adam(step: int64, learning_rate: float, mu: float[], "
+                                    "nu: float[]), got adam(step: int64, learning_rate: double") != std::string::npos);
+  auto chained = chain(clip_by_global_norm(1.0), adam<double>()).init(params);
+  CHECK(message(bytes, chained).find("expected a checkpoint of chain(stateless(), adam(") != std::string::npos);
+  std::string swapped = bytes;
+  std::reverse(swapped.begin() + 8, swapped.begin() + 12);
+  CHECK(message(swapped, state) ==
+        "gradus::load_state: argument 'stream': expected a checkpoint in this machine's byte order, got one of the "
+        "opposite byte order");
+  std::string version = bytes;
+  version[12] = 3;
+  CHECK(message(version, state) ==
+        "gradus::load_state: argument 'stream': expected a checkpoint of format version 2, got 3");
+  CHECK(message("gradus", state) ==
+        "gradus::load_state: argument 'stream': expected a complete checkpoint, got one truncated after 6 bytes");
+  CHECK(message("not a state at all", state) ==
+        "gradus::load_state: argument 'stream': expected a gradus state checkpoint, got other data");
+  CHECK(message(bytes.substr(0, bytes.size() - 1), state) ==
+        "gradus::load_state: argument 'stream': expected 72 more bytes (the sizes in its header), got 71 (a truncated "
+        "checkpoint)");
+  std::string flipped = bytes;
+  flipped[bytes.size() - 20] ^= 1;
+  CHECK(message(flipped, state) ==
+        "gradus::load_state: argument 'stream': expected a checkpoint whose checksum matches, got a corrupted one");
+  CHECK(saved(state) == before);
+
+  // A stream that throws at its end still gives invalid_argument.
+  std::stringstream throwing(bytes.substr(0, 30));
+  throwing.exceptions(std::ios_base::failbit | std::ios_base::eofbit);
+  CHECK_THROWS_AS(load_state(throwing, state), gradus::invalid_argument);
+  std::stringstream failed;
+  failed.setstate(std::ios_base::failbit);
+  CHECK_THROWS_WITH(load_state(failed, state),
+                    "gradus::load_state: argument 'stream': expected a readable stream, got a failed stream");
+  CHECK(saved(state) == before);
+}
+
+TEST_CASE("checkpoints hold finite values and counters >= 0", "[transforms][checkpoint][errors]") {
+  const auto opt = adam<double>();
+  auto state = opt.init(stepped<double>(3));
+  state.mu(1) = std::nan("");
+  std::stringstream out;
+  CHECK_THROWS_WITH(save_state(out, state),
+                    "gradus::save_state: argument 'state.mu': expected finite values, got nan at index 1");
+  CHECK(out.str().empty());  // nothing written
+  state.mu(1) = 0;
+  state.step = -1;
+  CHECK_THROWS_WITH(save_state(out, state), "gradus::save_state: argument 'state.step': expected a value >= 0, got -1");
+  CHECK(out.str().empty());
+
+  // A well-formed checkpoint (valid checksum) holding a NaN or a negative counter: refused.
+  auto forge = [](std::int64_t step, double learning_rate, double mu0) {
+    AdamState<double> forged{step, learning_rate, Vector<double>::Zero(2), Vector<double>::Zero(2)};
+    forged.mu(0) = mu0;
+    std::stringstream file;
+    gradus::detail::StateWriter writer(file);
+    file.write(gradus::detail::state_magic, 8);
+    writer.raw(gradus::detail::state_byte_order);
+    writer.raw(gradus::detail::state_version);
+    const std::string signature = gradus::detail::signature(forged);
+    writer.put(static_cast<std::uint32_t>(signature.size()));
+    writer.put(signature);
+    writer.put(std::int64_t(2));
+    writer.put(std::int64_t(2));
+    writer.put(forged.step);
+    writer.put(forged.learning_rate);
+    writer.put(forged.mu);
+    writer.put(forged.nu);
+    writer.finish();
+    return file.str();
+  };
+  AdamState<double> target;
+  std::stringstream good(forge(3, 0.1, 0.5));
+  load_state(good, target);
+  CHECK(target.step == 3);
+  CHECK(target.mu(0) == 0.5);
+  const std::string before = saved(target);
+  std::stringstream nan_mu(forge(3, 0.1, std::nan("")));
+  CHECK_THROWS_WITH(load_state(nan_mu, target),
+                    "gradus::load_state: argument 'state.mu': expected finite values, got nan at index 0");
+  std::stringstream infinite_rate(forge(3, INFINITY, 0.5));
+  CHECK_THROWS_WITH(load_state(infinite_rate, target),
+                    "gradus::load_state: argument 'state.learning_rate': expected a finite value, got inf");
+  std::stringstream negative_step(forge(-2, 0.1, 0.5));
+  CHECK_THROWS_WITH(load_state(negative_step, target),
+                    "gradus::load_state: argument 'state.step': expected a value >= 0, got -2");
+  CHECK(saved(target) == before);
+}
+
+// ---------------------------------------------------------------------------------------
+// Hyperparameter domains.
+
+namespace {
+
+// One update of `transform` on a fixed gradient: the result must be finite.
+template <class T>
+bool finite_update(const T& transform, typename T::Scalar gradient = 0.5) {
+  using S = typename T::Scalar;
+  const Vector<S> params = Vector<S>::Constant(3, S(0.25));
+  auto state = transform.init(params);
+  bool finite = true;
+  for (int k = 0; k < 3; ++k) {
+    Vector<S> u = Vector<S>::Constant(3, gradient);
+    transform.update(u, state, params);
+    finite = finite && u.allFinite();
+  }
+  return finite;
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("every hyperparameter boundary: the last accepted value works, the next is refused",
+                   "[transforms][errors]", float, double) {
+  using S = TestType;
+  using limits = std::numeric_limits<S>;
+  const S big = limits::max(), tiny = limits::denorm_min(), below_one = std::nextafter(S(1), S(0));
+  const S above_one = std::nextafter(S(1), S(2)), below_zero = std::nextafter(S(0), S(-1)), inf = limits::infinity();
+  const S nan = limits::quiet_NaN();
+
+  // Learning rates: finite and > 0.
+  CHECK(finite_update(sgd<S>({.learning_rate = big})));
+  CHECK(finite_update(sgd<S>({.learning_rate = tiny})));
+  // (Adam's step is the rate times a ratio near 1 that rounding may lift above 1.)
+  CHECK(finite_update(adam<S>({.learning_rate = big / 4})));
+  CHECK(finite_update(scale_by_learning_rate<S>(big)));
+  for (const S rate : {S(0), inf, -inf, nan, -tiny}) {
+    CHECK_THROWS_AS(sgd<S>({.learning_rate = rate}), gradus::invalid_argument);
+    CHECK_THROWS_AS(momentum<S>({.learning_rate = rate}), gradus::invalid_argument);
+    CHECK_THROWS_AS(adam<S>({.learning_rate = rate}), gradus::invalid_argument);
+    CHECK_THROWS_AS(adamw<S>({.learning_rate = rate}), gradus::invalid_argument);
+    CHECK_THROWS_AS(scale_by_learning_rate<S>(rate), gradus::invalid_argument);
+  }
+  CHECK_THROWS_WITH(sgd<S>({.learning_rate = inf}),
+                    "gradus::sgd: argument 'learning_rate': expected a finite value > 0, got inf");
+
+  // Momentum and Adam's betas: [0, 1).
+  CHECK(finite_update(momentum<S>({.momentum = below_one})));
+  CHECK(finite_update(momentum<S>({.momentum = below_one, .nesterov = true})));
+  CHECK(finite_update(momentum<S>({.momentum = 0})));
+  CHECK(finite_update(adam<S>({.b1 = below_one, .b2 = below_one})));
+  CHECK(finite_update(adam<S>({.b1 = 0, .b2 = 0})));
+  CHECK(finite_update(scale_by_adam<S>({.b1 = below_one, .b2 = below_one})));
+  for (const S beta : {S(1), below_zero, nan, inf}) {
+    CHECK_THROWS_AS(momentum<S>({.momentum = beta}), gradus::invalid_argument);
+    CHECK_THROWS_AS(sgd<S>({.momentum = beta}), gradus::invalid_argument);
+    CHECK_THROWS_AS(adam<S>({.b1 = beta}), gradus::invalid_argument);
+    CHECK_THROWS_AS(adam<S>({.b2 = beta}), gradus::invalid_argument);
+    CHECK_THROWS_AS(adamw<S>({.b1 = beta}), gradus::invalid_argument);
+    CHECK_THROWS_AS(scale_by_adam<S>({.b2 = beta}), gradus::invalid_argument);
+  }
+  CHECK_THROWS_WITH(momentum<S>({.momentum = 1}),
+                    "gradus::momentum: argument 'momentum': expected a value in [0, 1), got 1");
+
+  // eps: finite and > 0 (the paper's eps keeps 0 / 0 out of a zero gradient's update).
+  CHECK(finite_update(adam<S>({.eps = tiny}), S(0)));
+  CHECK(finite_update(adam<S>({.eps = tiny}), S(1e-30)));
+  CHECK(finite_update(adam<S>({.eps = big})));
+  for (const S eps : {S(0), -tiny, inf, nan}) {
+    CHECK_THROWS_AS(adam<S>({.eps = eps}), gradus::invalid_argument);
+    CHECK_THROWS_AS(adamw<S>({.eps = eps}), gradus::invalid_argument);
+    CHECK_THROWS_AS(scale_by_adam<S>({.eps = eps}), gradus::invalid_argument);
+  }
+  CHECK_THROWS_WITH(adam<S>({.eps = 0}), "gradus::adam: argument 'eps': expected a finite value > 0, got 0");
+  {
+    const auto opt = adam<S>({.eps = tiny});
+    const Vector<S> params = Vector<S>::Zero(2);
+    auto state = opt.init(params);
+    Vector<S> u = Vector<S>::Zero(2);
+    opt.update(u, state, params);
+    CHECK(u.isZero());  // a zero gradient moves nothing
+  }
+
+  // Weight decay: finite and >= 0; adam itself takes none.
+  CHECK(finite_update(adamw<S>({.weight_decay = 0})));
+  CHECK(finite_update(adamw<S>({.learning_rate = S(1e-3), .weight_decay = S(1e30)})));
+  CHECK(finite_update(add_decayed_weights<S>(S(1e30))));
+  CHECK(finite_update(add_decayed_weights<S>(S(0))));
+  for (const S decay : {-tiny, inf, nan}) {
+    CHECK_THROWS_AS(adamw<S>({.weight_decay = decay}), gradus::invalid_argument);
+    CHECK_THROWS_AS(add_decayed_weights<S>(decay), gradus::invalid_argument);
+  }
+  CHECK_THROWS_WITH(adam<S>({.weight_decay = S(0.5)}),
+                    "gradus::adam: argument 'weight_decay': expected 0 (adamw decays weights), got 0.5");
+
+  // scale: any finite factor; clip_by_global_norm: finite max_norm > 0.
+  CHECK(finite_update(scale<S>(big), S(0.5)));
+  CHECK(finite_update(scale<S>(-big), S(0.5)));
+  CHECK_THROWS_AS(scale<S>(-inf), gradus::invalid_argument);
+  CHECK_THROWS_AS(scale<S>(nan), gradus::invalid_argument);
+  CHECK(finite_update(clip_by_global_norm<S>(big), big));
+  CHECK(finite_update(clip_by_global_norm<S>(tiny), big));
+  for (const S norm : {S(0), -tiny, inf, nan}) CHECK_THROWS_AS(clip_by_global_norm<S>(norm), gradus::invalid_argument);
+
+  // Schedules.
+  CHECK(finite_update(sgd<S>({.learning_rate = StepDecay<S>{.initial = big, .factor = 1, .every = 1}})));
+  CHECK(finite_update(sgd<S>({.learning_rate = StepDecay<S>{.initial = tiny, .factor = tiny, .every = 1}})));
+  CHECK_THROWS_AS(sgd<S>({.learning_rate = StepDecay<S>{.initial = inf}}), gradus::invalid_argument);
+  CHECK_THROWS_AS(sgd<S>({.learning_rate = StepDecay<S>{.initial = 0}}), gradus::invalid_argument);
+  CHECK_THROWS_WITH(sgd<S>({.learning_rate = StepDecay<S>{.factor = above_one}}),
+                    Catch::StartsWith("gradus::StepDecay: argument 'factor': expected a value in (0, 1], got 1.0"));
+  CHECK_THROWS_AS(sgd<S>({.learning_rate = StepDecay<S>{.factor = 0}}), gradus::invalid_argument);
+  CHECK_THROWS_AS(sgd<S>({.learning_rate = StepDecay<S>{.every = 0}}), gradus::invalid_argument);
+  CHECK(finite_update(sgd<S>({.learning_rate = CosineDecay<S>{.initial = big, .decay_steps = 1, .alpha = 1}})));
+  CHECK(finite_update(sgd<S>({.learning_rate = CosineDecay<S>{.decay_steps = 1, .alpha = 0}})));
+  CHECK_THROWS_AS(sgd<S>({.learning_rate = CosineDecay<S>{.initial = inf}}), gradus::invalid_argument);
+  CHECK_THROWS_AS(sgd<S>({.learning_rate = CosineDecay<S>{.decay_steps = 0}}), gradus::invalid_argument);
+  CHECK_THROWS_AS(sgd<S>({.learning_rate = CosineDecay<S>{.alpha = above_one}}), gradus::invalid_argument);
+  CHECK_THROWS_AS(sgd<S>({.learning_rate = CosineDecay<S>{.alpha = below_zero}}), gradus::invalid_argument);
+  CHECK(finite_update(sgd<S>({.learning_rate = LinearWarmup<S>{.warmup_steps = 0, .after = big}})));
+  CHECK(finite_update(sgd<S>({.learning_rate = LinearWarmup<S>{.warmup_steps = 1000000000, .after = S(0.1)}})));
+  CHECK_THROWS_AS(sgd<S>({.learning_rate = LinearWarmup<S>{.warmup_steps = -1}}), gradus::invalid_argument);
+  CHECK_THROWS_WITH(sgd<S>({.learning_rate = LinearWarmup<S>{.after = inf}}),
+                    "gradus::LinearWarmup: argument 'after': expected a finite value > 0, got inf");
+
+  // A schedule of your own: each rate must be finite and >= 0 (0 is the end of a decay); a bad
+  // one is refused before the updates or the state change.
+  CHECK(finite_update(adam<S>({.learning_rate = [](std::int64_t) { return S(0); }})));
+  for (const S rate : {-tiny, inf, nan}) {
+    const auto opt = momentum<S>({.learning_rate = [rate](std::int64_t t) { return t < 2 ? S(0.1) : rate; }});
+    const Vector<S> params = Vector<S>::Zero(2);
+    auto state = opt.init(params);
+    Vector<S> u = Vector<S>::Ones(2);
+    opt.update(u, state, params);
+    opt.update(u, state, params);
+    const auto before = state.velocity;
+    u.setOnes();
+    CHECK_THROWS_WITH(opt.update(u, state, params),
+                      Catch::StartsWith("gradus::momentum: argument 'learning_rate': expected a finite rate >= 0 "
+                                        "from the schedule at step 2, got "));
+    CHECK(state.step == 2);
+    CHECK(state.velocity == before);
+    CHECK(u.isOnes());
+  }
+}
+
+TEMPLATE_TEST_CASE("errors name the entry point the user called", "[transforms][errors]", float, double) {
+  using S = TestType;
+  CHECK_THROWS_WITH(scale_by_adam<S>({.b1 = 1}), "gradus::scale_by_adam: argument 'b1': expected a value in [0, 1), got 1");
+  CHECK_THROWS_WITH(adamw<S>({.b2 = -1}), "gradus::adamw: argument 'b2': expected a value in [0, 1), got -1");
+  const Vector<S> params = Vector<S>::Zero(4);
+  Vector<S> u = Vector<S>::Zero(3);
+  auto check = [&](const auto& transform, const std::string& name) {
+    auto state = transform.init(params);
+    CHECK_THROWS_WITH(transform.update(u, state, params),
+                      "gradus::" + name + ": argument 'updates': expected 4 entries (size of params), got 3");
+  };
+  check(scale_by_adam<S>(), "scale_by_adam");
+  check(adamw<S>(), "adamw");
+  check(adam<S>(), "adam");
+  check(momentum<S>(), "momentum");
+  check(sgd<S>(), "sgd");
+  check(scale_by_learning_rate<S>(S(1)), "scale_by_learning_rate");
+
+  // A corrupted step counter is refused, never overflowed.
+  Vector<S> u4 = Vector<S>::Zero(4);
+  auto state = scale_by_adam<S>().init(params);
+  for (const std::int64_t step : {std::int64_t(-1), std::numeric_limits<std::int64_t>::max()}) {
+    state.step = step;
+    CHECK_THROWS_WITH(scale_by_adam<S>().update(u4, state, params),
+                      Catch::StartsWith("gradus::scale_by_adam: argument 'state.step': expected a value in [0, 2^63 - 1)"));
+    CHECK(state.mu.isZero());
+  }
+  state.step = std::numeric_limits<std::int64_t>::max() - 1;
+  scale_by_adam<S>().update(u4, state, params);
+  CHECK(u4.allFinite());
+}
+
+TEMPLATE_TEST_CASE("clip_by_global_norm neither overflows nor underflows", "[transforms]", float, double) {
+  using S = TestType;
+  EmptyState none;
+  const Vector<S> params = Vector<S>::Zero(2);
+  auto clipped = [&](S a, S b, S max_norm) {
+    Vector<S> u(2);
+    u << a, b;
+    clip_by_global_norm<S>(max_norm).update(u, none, params);
+    return u;
+  };
+  const S half_sqrt2 = S(std::sqrt(0.5));
+  // [1e20, 1e20] in float: its squared norm overflows; clipped to norm 1, not to [0, 0].
+  Vector<S> u = clipped(S(1e20), S(1e20), S(1));
+  CHECK(u(0) == Approx(half_sqrt2).epsilon(1e-6));
+  CHECK(u(1) == Approx(half_sqrt2).epsilon(1e-6));
+  // [1e-30, 1e-30] in float: its squared norm underflows; clipped to 1e-31 all the same.
+  u = clipped(S(1e-30), S(1e-30), S(1e-31));
+  CHECK(u(0) / S(1e-31) == Approx(half_sqrt2).epsilon(1e-6));
+  CHECK(u.stableNorm() / S(1e-31) == Approx(1).epsilon(1e-6));
+  // The extremes: max() entries, and a max_norm whose ratio to the norm underflows.
+  const S big = std::numeric_limits<S>::max();
+  u = clipped(big, big, S(2));
+  CHECK(u(0) == Approx(2 * half_sqrt2).epsilon(1e-6));
+  u = clipped(S(3e30), S(4e30), S(1e-30));
+  CHECK(u(0) / S(1e-30) == Approx(0.6).epsilon(1e-6));
+  CHECK(u(1) / S(1e-30) == Approx(0.8).epsilon(1e-6));
+  // Below the threshold: unchanged, bit for bit; NaN passes through.
+  u = clipped(S(1e-30), S(1e-30), S(1e-29));
+  CHECK(u(0) == S(1e-30));
+  u = clipped(std::numeric_limits<S>::quiet_NaN(), S(1), S(1));
+  CHECK(std::isnan(u(0)));
+  CHECK(u(1) == 1);
+  u = clipped(std::numeric_limits<S>::infinity(), S(1), S(1));  // an infinite norm: NaN, never a finite lie
+  CHECK(std::isnan(u(0)));
 }

@@ -24,24 +24,51 @@
 //
 // A learning rate is a number or any callable of the step (std::int64_t -> S): the schedules
 // below (StepDecay, CosineDecay, LinearWarmup) or a lambda. Each state records the rate it
-// used last. save_state / load_state write and read any state, chained ones included, as
-// raw binary, so a restored run continues bit-identically.
+// used last. save_state / load_state write and read any state, chained ones included, as a
+// checked binary checkpoint, so a restored run continues bit-identically.
 
+#include <algorithm>
 #include <cmath>
 #include <concepts>
 #include <cstdint>
+#include <cstring>
 #include <functional>
+#include <ios>
 #include <istream>
+#include <limits>
 #include <numbers>
+#include <optional>
 #include <ostream>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "gradus/core/errors.hpp"
 #include "gradus/core/types.hpp"
 
 namespace gradus {
+
+namespace detail {
+
+template <class T>
+void require_finite_positive(std::string_view function, std::string_view argument, T value) {
+  require(value > T(0) && value - value == T(0), function, argument, "a finite value > 0", value);
+}
+
+template <class T>
+void require_finite_nonnegative(std::string_view function, std::string_view argument, T value) {
+  require(value >= T(0) && value - value == T(0), function, argument, "a finite value >= 0", value);
+}
+
+// A step counter about to be incremented: negative or saturated counters are corrupt state.
+inline void require_step(std::string_view function, std::int64_t step) {
+  require(step >= 0 && step < std::numeric_limits<std::int64_t>::max(), function, "state.step",
+          "a value in [0, 2^63 - 1)", step);
+}
+
+}  // namespace detail
 
 // ---------------------------------------------------------------------------------------
 // Learning-rate schedules: plain callables of the step.
@@ -50,12 +77,12 @@ namespace gradus {
 template <class S>
 struct StepDecay {
   S initial = S(0.1);
-  S factor = S(0.1);
+  S factor = S(0.1);  // in (0, 1]: a decay
   std::int64_t every = 1000;
 
   void validate() const {
-    detail::require_positive("StepDecay", "initial", initial);
-    detail::require_positive("StepDecay", "factor", factor);
+    detail::require_finite_positive("StepDecay", "initial", initial);
+    detail::require(factor > S(0) && factor <= S(1), "StepDecay", "factor", "a value in (0, 1]", factor);
     detail::require_positive("StepDecay", "every", every);
   }
   S operator()(std::int64_t step) const {
@@ -71,7 +98,7 @@ struct CosineDecay {
   S alpha = 0;  // final rate as a fraction of initial
 
   void validate() const {
-    detail::require_positive("CosineDecay", "initial", initial);
+    detail::require_finite_positive("CosineDecay", "initial", initial);
     detail::require_positive("CosineDecay", "decay_steps", decay_steps);
     detail::require_in_range("CosineDecay", "alpha", alpha, S(0), S(1), true);
   }
@@ -83,6 +110,8 @@ struct CosineDecay {
 };
 
 // A constant rate or a schedule; a number converts implicitly, so `.learning_rate = 1e-3` works.
+// A constant must be finite and > 0; a schedule may reach 0 (the end of a cosine decay), so
+// each rate it returns must be finite and >= 0, which every transform checks as it uses it.
 template <class S>
 class LearningRate {
  public:
@@ -100,8 +129,20 @@ class LearningRate {
   S operator()(std::int64_t step) const { return schedule_ ? schedule_(step) : constant_; }
   bool is_constant() const { return !schedule_; }
 
-  void validate(const char* function) const {
-    if (is_constant()) detail::require_positive(function, "learning_rate", constant_);
+  void validate(const char* function, const char* argument = "learning_rate") const {
+    if (is_constant()) detail::require_finite_positive(function, argument, constant_);
+  }
+
+  // The rate at `step`, checked.
+  S at(const char* function, std::int64_t step) const {
+    if (!schedule_) return constant_;
+    const S rate = schedule_(step);
+    if (!(rate >= S(0) && rate - rate == S(0))) {
+      detail::throw_invalid_argument(function, "learning_rate",
+                                     "a finite rate >= 0 from the schedule at step " + detail::to_text(step),
+                                     detail::to_text(rate));
+    }
+    return rate;
   }
 
  private:
@@ -118,6 +159,7 @@ struct LinearWarmup {
 
   void validate() const {
     detail::require_nonnegative("LinearWarmup", "warmup_steps", warmup_steps);
+    after.validate("LinearWarmup", "after");
   }
   S operator()(std::int64_t step) const {
     if (step < warmup_steps) return after(0) * static_cast<S>(step + 1) / static_cast<S>(warmup_steps);
@@ -135,10 +177,21 @@ concept Transform = requires(const T& t, const Vector<typename T::Scalar>& param
   t.update(updates, state, params);
 };
 
-// Every state lists its members once, in fields(self), for save_state / load_state.
+// A named member of a state. Every state has a `name` and lists its members once, in
+// fields(self), for save_state / load_state; members are std::int64_t counters (>= 0),
+// float or double numbers, or Vectors of them.
+template <class T>
+struct Field {
+  const char* name;
+  T& value;
+};
+template <class T>
+Field(const char*, T&) -> Field<T>;
+
 struct EmptyState {
+  static constexpr const char* name = "stateless";
   template <class Self>
-  static auto fields(Self&) { return std::tie(); }
+  static auto fields(Self&) { return std::tuple<>(); }
 };
 
 namespace detail {
@@ -148,55 +201,235 @@ struct is_tuple : std::false_type {};
 template <class... Ts>
 struct is_tuple<std::tuple<Ts...>> : std::true_type {};
 
-inline void check_stream(bool ok, const char* function) {
-  require(ok, function, "stream", "a readable/writable stream holding a saved state", "a failed stream");
-}
+template <class T>
+struct is_vector : std::false_type {};
+template <class S>
+struct is_vector<Vector<S>> : std::true_type {};
+
+template <class>
+inline constexpr bool dependent_false = false;
 
 template <class T>
-void write_field(std::ostream& out, const T& value) {
-  if constexpr (std::is_arithmetic_v<T>) {
-    out.write(reinterpret_cast<const char*>(&value), sizeof value);
-  } else {  // an Eigen vector: its size, then its raw entries
-    const std::int64_t size = value.size();
-    write_field(out, size);
-    out.write(reinterpret_cast<const char*>(value.data()),
-              static_cast<std::streamsize>(sizeof(typename T::Scalar) * static_cast<std::size_t>(size)));
-  }
+const char* field_type_name() {
+  if constexpr (std::is_same_v<T, std::int64_t>) return "int64";
+  else if constexpr (std::is_same_v<T, float>) return "float";
+  else if constexpr (std::is_same_v<T, double>) return "double";
+  else if constexpr (std::is_same_v<T, Vector<float>>) return "float[]";
+  else if constexpr (std::is_same_v<T, Vector<double>>) return "double[]";
+  else static_assert(dependent_false<T>, "state fields are std::int64_t, float, double or a Vector of those");
 }
 
-template <class T>
-void read_field(std::istream& in, T& value) {
-  if constexpr (std::is_arithmetic_v<T>) {
-    in.read(reinterpret_cast<char*>(&value), sizeof value);
+// f(path, value) on every field, chained states in order; the path names the field in
+// messages: "state.mu", or "state[1].mu" inside a chain.
+template <class State, class F>
+void for_each_field(State& state, const std::string& path, F& f) {
+  using Plain = std::remove_const_t<State>;
+  if constexpr (is_tuple<Plain>::value) {
+    std::size_t i = 0;
+    std::apply([&](auto&... parts) { (for_each_field(parts, path + "[" + to_text(i++) + "]", f), ...); }, state);
   } else {
-    std::int64_t size = -1;
-    read_field(in, size);
-    check_stream(in.good() && size >= 0 && size < (std::int64_t(1) << 48), "load_state");
-    value.resize(static_cast<Index>(size));
-    in.read(reinterpret_cast<char*>(value.data()),
-            static_cast<std::streamsize>(sizeof(typename T::Scalar) * static_cast<std::size_t>(size)));
+    std::apply([&](auto... field) { (f(path + "." + field.name, field.value), ...); }, Plain::fields(state));
   }
 }
 
+// The type of a state as text, e.g. "adam(step: int64, learning_rate: float, mu: float[], nu: float[])",
+// "chain(stateless(), sgd(...))": a checkpoint names the state it holds.
 template <class State>
-void save_fields(std::ostream& out, const State& state) {
+std::string signature(const State& state) {
+  std::string text;
+  const char* separator = "";
+  auto add = [&](const std::string& part) {
+    text.append(separator).append(part);
+    separator = ", ";
+  };
   if constexpr (is_tuple<State>::value) {
-    std::apply([&](const auto&... parts) { (save_fields(out, parts), ...); }, state);
+    std::apply([&](const auto&... parts) { (add(signature(parts)), ...); }, state);
+    return "chain(" + text + ")";
   } else {
-    std::apply([&](const auto&... fields) { (write_field(out, fields), ...); }, State::fields(state));
+    std::apply(
+        [&](auto... field) {
+          (add(std::string(field.name) + ": " + field_type_name<std::remove_cvref_t<decltype(field.value)>>()), ...);
+        },
+        State::fields(state));
+    return std::string(State::name) + "(" + text + ")";
   }
 }
 
+// Counters >= 0 and finite numbers: a checkpoint of a finite run holds nothing else.
 template <class State>
-void load_fields(std::istream& in, State& state) {
-  if constexpr (is_tuple<State>::value) {
-    std::apply([&](auto&... parts) { (load_fields(in, parts), ...); }, state);
-  } else {
-    std::apply([&](auto&... fields) { (read_field(in, fields), ...); }, State::fields(state));
-  }
+void check_state_values(const char* function, const State& state) {
+  auto check = [&](const std::string& path, const auto& value) {
+    using T = std::remove_cvref_t<decltype(value)>;
+    if constexpr (is_vector<T>::value) {
+      if (value.allFinite()) return;
+      Index i = 0;
+      while (std::isfinite(value(i))) ++i;
+      throw_invalid_argument(function, path, "finite values", to_text(value(i)) + " at index " + to_text(i));
+    } else if constexpr (std::is_integral_v<T>) {
+      require_nonnegative(function, path, value);
+    } else {
+      require_finite(function, path, value);
+    }
+  };
+  for_each_field(state, "state", check);
 }
 
-inline constexpr std::uint64_t state_magic = 0x31'6574'6174'5347ull;  // "GStates1"
+// FNV-1a over 64-bit words: changing any one word (one byte of it) changes the sum.
+class Checksum {
+ public:
+  template <class T>
+    requires std::is_arithmetic_v<T>
+  void add(T value) {
+    std::uint64_t word = 0;
+    std::memcpy(&word, &value, sizeof value);
+    sum_ = (sum_ ^ word) * 0x100000001b3ull;
+  }
+  template <class S>
+  void add(const Vector<S>& values) {
+    for (Index i = 0; i < values.size(); ++i) add(values(i));
+  }
+  void add(const std::string& text) {
+    for (const char c : text) add(c);
+  }
+  std::uint64_t value() const { return sum_; }
+
+ private:
+  std::uint64_t sum_ = 0xcbf29ce484222325ull;
+};
+
+// The checkpoint format (version 2), numbers in the writer's byte order:
+//   "gradusST"   uint32 0x01020304 (byte order)   uint32 version
+//   uint32 signature length, signature text (the state's type, see signature())
+//   int64 entries of each Vector field, in field order
+//   every field's value in order (a Vector: its entries)
+//   uint64 checksum of everything from the signature length on
+inline constexpr char state_magic[8] = {'g', 'r', 'a', 'd', 'u', 's', 'S', 'T'};
+inline constexpr std::uint32_t state_byte_order = 0x01020304;
+inline constexpr std::uint32_t state_version = 2;
+inline constexpr std::uint32_t max_signature = 4096;
+inline constexpr std::int64_t max_entries = std::int64_t(1) << 48;
+
+class StateWriter {
+ public:
+  explicit StateWriter(std::ostream& out) : out_(out) {}
+
+  template <class T>
+  void raw(const T& value) {
+    out_.write(reinterpret_cast<const char*>(&value), sizeof value);
+  }
+  template <class T>
+  void put(const T& value) {
+    if constexpr (is_vector<T>::value) {
+      out_.write(reinterpret_cast<const char*>(value.data()),
+                 static_cast<std::streamsize>(sizeof(typename T::Scalar) * static_cast<std::size_t>(value.size())));
+    } else if constexpr (std::is_same_v<T, std::string>) {
+      out_.write(value.data(), static_cast<std::streamsize>(value.size()));
+    } else {
+      raw(value);
+    }
+    sum_.add(value);
+  }
+  void finish() { raw(sum_.value()); }
+
+ private:
+  std::ostream& out_;
+  Checksum sum_;
+};
+
+// Reads a checkpoint; every failure is a gradus::invalid_argument naming load_state.
+class StateReader {
+ public:
+  explicit StateReader(std::istream& in) : in_(in) {
+    require(in_.good(), "load_state", "stream", "a readable stream", "a failed stream");
+  }
+
+  void bytes(void* data, std::size_t size) {
+    bool ok = false;
+    try {
+      ok = static_cast<std::size_t>(in_.read(static_cast<char*>(data), static_cast<std::streamsize>(size)).gcount()) ==
+           size;
+    } catch (const std::ios_base::failure&) {  // a stream that throws at its end
+    }
+    if (!ok) fail("a complete checkpoint", "one truncated after " + to_text(offset_ + in_.gcount()) + " bytes");
+    offset_ += size;
+  }
+  template <class T>
+  T raw() {
+    T value;
+    bytes(&value, sizeof value);
+    return value;
+  }
+  template <class T>
+  T get() {
+    const T value = raw<T>();
+    sum_.add(value);
+    return value;
+  }
+  // Grows with the data actually read, so a corrupted length allocates no more than the
+  // stream holds.
+  template <class S>
+  void get(Vector<S>& values, std::int64_t size) {
+    Index done = 0;
+    values.resize(std::min<Index>(size, Index(1) << 16));
+    for (;;) {
+      bytes(values.data() + done, sizeof(S) * static_cast<std::size_t>(values.size() - done));
+      done = values.size();
+      if (done == size) break;
+      values.conservativeResize(std::min<Index>(size, 2 * done));
+    }
+    sum_.add(values);
+  }
+
+  void header() {
+    char magic[8];
+    bytes(magic, sizeof magic);
+    if (std::memcmp(magic, state_magic, sizeof magic) != 0) fail("a gradus state checkpoint", "other data");
+    const auto order = raw<std::uint32_t>();
+    if (order != state_byte_order) {
+      fail("a checkpoint in this machine's byte order",
+           order == 0x04030201 ? "one of the opposite byte order" : "a corrupted byte-order mark");
+    }
+    const auto version = raw<std::uint32_t>();
+    require(version == state_version, "load_state", "stream", "a checkpoint of format version 2", version);
+  }
+
+  void signature(const std::string& expected) {
+    const auto length = get<std::uint32_t>();
+    require(length <= max_signature, "load_state", "stream", "a state signature of at most 4096 bytes", length);
+    std::string stored(length, '\0');
+    bytes(stored.data(), length);
+    sum_.add(stored);
+    if (stored != expected) fail("a checkpoint of " + expected, stored);
+  }
+
+  // At least `size` more bytes, when the stream can tell how many it holds.
+  void require_available(std::uint64_t size) {
+    std::streambuf* buffer = in_.rdbuf();
+    const auto here = buffer->pubseekoff(0, std::ios_base::cur, std::ios_base::in);
+    if (here == std::streampos(-1)) return;
+    const auto end = buffer->pubseekoff(0, std::ios_base::end, std::ios_base::in);
+    buffer->pubseekpos(here, std::ios_base::in);
+    if (end == std::streampos(-1)) return;
+    const auto available = static_cast<std::uint64_t>(end - here);
+    if (available < size) {
+      fail(to_text(size) + " more bytes (the sizes in its header)", to_text(available) + " (a truncated checkpoint)");
+    }
+  }
+
+  void finish() {
+    const std::uint64_t expected = sum_.value();
+    if (raw<std::uint64_t>() != expected) fail("a checkpoint whose checksum matches", "a corrupted one");
+  }
+
+ private:
+  [[noreturn]] static void fail(const std::string& expected, const std::string& given) {
+    throw_invalid_argument("load_state", "stream", expected, given);
+  }
+
+  std::istream& in_;
+  std::uint64_t offset_ = 0;
+  Checksum sum_;
+};
 
 template <class S>
 void check_update(const char* function, const Eigen::Ref<Vector<S>>& updates, const Vector<S>& params) {
@@ -210,22 +443,77 @@ void check_moment(const char* function, const char* name, const Vector<S>& momen
 
 }  // namespace detail
 
-// Writes any transformation state (chains included) as raw binary.
+// Writes any transformation state (chains included) as a checkpoint: its type, sizes, raw
+// values and a checksum. A state with a negative counter or a non-finite value is refused
+// before anything is written.
 template <class State>
 void save_state(std::ostream& out, const State& state) {
-  detail::write_field(out, detail::state_magic);
-  detail::save_fields(out, state);
-  detail::check_stream(out.good(), "save_state");
+  detail::check_state_values("save_state", state);
+  detail::require(out.good(), "save_state", "stream", "a writable stream", "a failed stream");
+  detail::StateWriter writer(out);
+  out.write(detail::state_magic, sizeof detail::state_magic);
+  writer.raw(detail::state_byte_order);
+  writer.raw(detail::state_version);
+  const std::string signature = detail::signature(state);
+  writer.put(static_cast<std::uint32_t>(signature.size()));
+  writer.put(signature);
+  auto size = [&](const std::string&, const auto& value) {
+    if constexpr (detail::is_vector<std::remove_cvref_t<decltype(value)>>::value) {
+      writer.put(static_cast<std::int64_t>(value.size()));
+    }
+  };
+  detail::for_each_field(state, "state", size);
+  auto put = [&](const std::string&, const auto& value) { writer.put(value); };
+  detail::for_each_field(state, "state", put);
+  writer.finish();
+  detail::require(out.good(), "save_state", "stream", "a writable stream", "a failed stream");
 }
 
-// Reads a state written by save_state for the same transformation.
+// Reads a checkpoint written by save_state for a state of the same type and scalar. The
+// header is checked first: format, byte order, the state's type, each Vector's length (equal
+// to the target's where the target's is not empty, and within what the stream holds); then
+// the values are read into a fresh state and checked (checksum, finite values, counters
+// >= 0). Only then is the target replaced: on any failure it is left untouched.
 template <class State>
 void load_state(std::istream& in, State& state) {
-  std::uint64_t magic = 0;
-  detail::read_field(in, magic);
-  detail::check_stream(in.good() && magic == detail::state_magic, "load_state");
-  detail::load_fields(in, state);
-  detail::check_stream(!in.fail(), "load_state");
+  detail::StateReader reader(in);
+  reader.header();
+  reader.signature(detail::signature(state));
+
+  std::vector<std::int64_t> sizes;
+  std::uint64_t payload = sizeof(std::uint64_t);  // the checksum
+  auto size = [&](const std::string& path, const auto& value) {
+    using T = std::remove_cvref_t<decltype(value)>;
+    if constexpr (detail::is_vector<T>::value) {
+      const auto entries = reader.get<std::int64_t>();
+      detail::require(entries >= 0 && entries <= detail::max_entries, "load_state", path,
+                      "an entry count in [0, 2^48]", entries);
+      if (value.size() != 0) {
+        detail::require_size("load_state", path, entries, value.size(), "entries (the size of the target state)");
+      }
+      sizes.push_back(entries);
+      payload += sizeof(typename T::Scalar) * static_cast<std::uint64_t>(entries);
+    } else {
+      payload += sizeof(T);
+    }
+  };
+  detail::for_each_field(std::as_const(state), "state", size);
+  reader.require_available(payload);
+
+  State loaded{};
+  std::size_t next = 0;
+  auto get = [&](const std::string&, auto& value) {
+    using T = std::remove_cvref_t<decltype(value)>;
+    if constexpr (detail::is_vector<T>::value) {
+      reader.get(value, sizes[next++]);
+    } else {
+      value = reader.get<T>();
+    }
+  };
+  detail::for_each_field(loaded, "state", get);
+  reader.finish();
+  detail::check_state_values("load_state", loaded);
+  state = std::move(loaded);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -265,23 +553,42 @@ struct AddDecayedWeights : Stateless<S> {
 
 template <class S>
 AddDecayedWeights<S> add_decayed_weights(S weight_decay) {
-  detail::require_nonnegative("add_decayed_weights", "weight_decay", weight_decay);
+  detail::require_finite_nonnegative("add_decayed_weights", "weight_decay", weight_decay);
   return {{}, weight_decay};
 }
+
+namespace detail {
+
+// ||v||: one pass while the sum of squares neither overflows nor underflows, Eigen's scaled
+// stableNorm otherwise (entries near 1e19 or 1e-19 in float); NaN if an entry is NaN.
+template <class Derived>
+typename Derived::Scalar global_norm(const Eigen::MatrixBase<Derived>& v) {
+  using S = typename Derived::Scalar;
+  const S squares = v.squaredNorm();
+  if (squares >= std::numeric_limits<S>::min() && squares <= std::numeric_limits<S>::max()) return std::sqrt(squares);
+  return std::isnan(squares) ? squares : v.stableNorm();
+}
+
+}  // namespace detail
 
 template <class S>
 struct ClipByGlobalNorm : Stateless<S> {
   S max_norm;
   void update(Eigen::Ref<Vector<S>> updates, EmptyState&, const Vector<S>& params) const {
     detail::check_update("clip_by_global_norm", updates, params);
-    const S norm = updates.norm();
-    if (norm > max_norm) updates *= max_norm / norm;  // NaN norms pass through unchanged
+    S norm = detail::global_norm(updates);
+    if (!(norm > max_norm)) return;  // NaN norms pass through unchanged
+    if (std::isinf(norm)) {  // beyond the largest S (or an infinite entry, which becomes NaN)
+      updates /= updates.cwiseAbs().maxCoeff();
+      norm = updates.norm();
+    }
+    updates = updates / norm * max_norm;  // divided first: max_norm / norm may underflow
   }
 };
 
 template <class S>
 ClipByGlobalNorm<S> clip_by_global_norm(S max_norm) {
-  detail::require_positive("clip_by_global_norm", "max_norm", max_norm);
+  detail::require_finite_positive("clip_by_global_norm", "max_norm", max_norm);
   return {{}, max_norm};
 }
 
@@ -290,11 +597,14 @@ ClipByGlobalNorm<S> clip_by_global_norm(S max_norm) {
 
 template <class S>
 struct ScheduleState {
+  static constexpr const char* name = "schedule";
   std::int64_t step = 0;
   S learning_rate = 0;  // the rate used by the last update
 
   template <class Self>
-  static auto fields(Self& self) { return std::tie(self.step, self.learning_rate); }
+  static auto fields(Self& self) {
+    return std::tuple{Field{"step", self.step}, Field{"learning_rate", self.learning_rate}};
+  }
 };
 
 template <class S>
@@ -303,10 +613,12 @@ struct ScaleByLearningRate {
   using State = ScheduleState<S>;
   LearningRate<S> learning_rate;
 
-  State init(const Vector<S>&) const { return {0, learning_rate(0)}; }
+  State init(const Vector<S>&) const { return {0, learning_rate.at("scale_by_learning_rate", 0)}; }
   void update(Eigen::Ref<Vector<S>> updates, State& state, const Vector<S>& params) const {
     detail::check_update("scale_by_learning_rate", updates, params);
-    state.learning_rate = learning_rate(state.step++);
+    detail::require_step("scale_by_learning_rate", state.step);
+    state.learning_rate = learning_rate.at("scale_by_learning_rate", state.step);
+    ++state.step;
     updates *= -state.learning_rate;
   }
 };
@@ -333,12 +645,16 @@ struct MomentumOptions {
 
 template <class S>
 struct SGDState {
+  static constexpr const char* name = "sgd";
   std::int64_t step = 0;
   S learning_rate = 0;
   Vector<S> velocity;  // empty when momentum is 0
 
   template <class Self>
-  static auto fields(Self& self) { return std::tie(self.step, self.learning_rate, self.velocity); }
+  static auto fields(Self& self) {
+    return std::tuple{Field{"step", self.step}, Field{"learning_rate", self.learning_rate},
+                      Field{"velocity", self.velocity}};
+  }
 };
 
 template <class S>
@@ -347,27 +663,31 @@ class SGD {
   using Scalar = S;
   using State = SGDState<S>;
 
-  explicit SGD(SGDOptions<S> options) : options_(std::move(options)) {
-    options_.learning_rate.validate("sgd");
-    detail::require_in_range("sgd", "momentum", options_.momentum, S(0), S(1));
+  // entry_point: the function the user called ("sgd" or "momentum"), for messages.
+  explicit SGD(SGDOptions<S> options, const char* entry_point = "sgd")
+      : options_(std::move(options)), name_(entry_point) {
+    options_.learning_rate.validate(name_);
+    detail::require_in_range(name_, "momentum", options_.momentum, S(0), S(1));
   }
   const SGDOptions<S>& options() const { return options_; }
 
   State init(const Vector<S>& params) const {
-    State state{0, options_.learning_rate(0), {}};
+    State state{0, options_.learning_rate.at(name_, 0), {}};
     if (options_.momentum != S(0)) state.velocity = Vector<S>::Zero(params.size());
     return state;
   }
 
   void update(Eigen::Ref<Vector<S>> updates, State& state, const Vector<S>& params) const {
-    detail::check_update("sgd", updates, params);
-    const S lr = state.learning_rate = options_.learning_rate(state.step++);
+    detail::check_update(name_, updates, params);
     const S mu = options_.momentum;
+    if (mu != S(0)) detail::check_moment(name_, "state.velocity", state.velocity, params.size());
+    detail::require_step(name_, state.step);
+    const S lr = state.learning_rate = options_.learning_rate.at(name_, state.step);
+    ++state.step;
     if (mu == S(0)) {
       updates *= -lr;
       return;
     }
-    detail::check_moment("sgd", "state.velocity", state.velocity, params.size());
     state.velocity = mu * state.velocity + updates;
     if (options_.nesterov) {
       updates = -lr * (updates + mu * state.velocity);
@@ -378,6 +698,7 @@ class SGD {
 
  private:
   SGDOptions<S> options_;
+  const char* name_;
 };
 
 template <class S>
@@ -388,7 +709,7 @@ SGD<S> sgd(SGDOptions<S> options = {}) {
 // Heavy ball (default) or Nesterov momentum: sgd with momentum 0.9 by default.
 template <class S>
 SGD<S> momentum(MomentumOptions<S> options = {}) {
-  return SGD<S>({std::move(options.learning_rate), options.momentum, options.nesterov});
+  return SGD<S>({std::move(options.learning_rate), options.momentum, options.nesterov}, "momentum");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -399,8 +720,8 @@ struct AdamOptions {
   LearningRate<S> learning_rate = S(1e-3);
   S b1 = S(0.9);
   S b2 = S(0.999);
-  S eps = S(1e-8);
-  S weight_decay = 0;  // decoupled (AdamW); adam() keeps it 0
+  S eps = S(1e-8);  // > 0: the paper's guard against 0 / 0 where the gradient has been 0
+  S weight_decay = 0;  // decoupled (AdamW); adam() requires 0
 };
 
 template <class S>
@@ -421,13 +742,17 @@ struct ScaleByAdamOptions {
 
 template <class S>
 struct AdamState {
+  static constexpr const char* name = "adam";
   std::int64_t step = 0;
   S learning_rate = 0;  // 1 for scale_by_adam
   Vector<S> mu;         // first moment
   Vector<S> nu;         // second moment
 
   template <class Self>
-  static auto fields(Self& self) { return std::tie(self.step, self.learning_rate, self.mu, self.nu); }
+  static auto fields(Self& self) {
+    return std::tuple{Field{"step", self.step}, Field{"learning_rate", self.learning_rate}, Field{"mu", self.mu},
+                      Field{"nu", self.nu}};
+  }
 };
 
 // adam, adamw and scale_by_adam: one single-pass kernel. scale_by_adam has no learning
@@ -439,28 +764,31 @@ class Adam {
   using State = AdamState<S>;
 
   // apply_learning_rate false: scale_by_adam (no rate, no sign flip, no weight decay).
-  Adam(AdamOptions<S> options, bool apply_learning_rate)
-      : options_(std::move(options)), apply_learning_rate_(apply_learning_rate) {
-    const char* name = apply_learning_rate_ ? "adam" : "scale_by_adam";
-    if (apply_learning_rate_) options_.learning_rate.validate(name);
-    detail::require_in_range(name, "b1", options_.b1, S(0), S(1));
-    detail::require_in_range(name, "b2", options_.b2, S(0), S(1));
-    detail::require_nonnegative(name, "eps", options_.eps);
-    detail::require_nonnegative(name, "weight_decay", options_.weight_decay);
+  // entry_point: the function the user called, for messages.
+  Adam(AdamOptions<S> options, bool apply_learning_rate, const char* entry_point = nullptr)
+      : options_(std::move(options)),
+        apply_learning_rate_(apply_learning_rate),
+        name_(entry_point ? entry_point : apply_learning_rate ? "adam" : "scale_by_adam") {
+    if (apply_learning_rate_) options_.learning_rate.validate(name_);
+    detail::require_in_range(name_, "b1", options_.b1, S(0), S(1));
+    detail::require_in_range(name_, "b2", options_.b2, S(0), S(1));
+    detail::require_finite_positive(name_, "eps", options_.eps);
+    detail::require_finite_nonnegative(name_, "weight_decay", options_.weight_decay);
   }
   const AdamOptions<S>& options() const { return options_; }
 
   State init(const Vector<S>& params) const {
-    return {0, apply_learning_rate_ ? options_.learning_rate(0) : S(1), Vector<S>::Zero(params.size()),
+    return {0, apply_learning_rate_ ? options_.learning_rate.at(name_, 0) : S(1), Vector<S>::Zero(params.size()),
             Vector<S>::Zero(params.size())};
   }
 
   void update(Eigen::Ref<Vector<S>> updates, State& state, const Vector<S>& params) const {
-    detail::check_update("adam", updates, params);
-    detail::check_moment("adam", "state.mu", state.mu, params.size());
-    detail::check_moment("adam", "state.nu", state.nu, params.size());
+    detail::check_update(name_, updates, params);
+    detail::check_moment(name_, "state.mu", state.mu, params.size());
+    detail::check_moment(name_, "state.nu", state.nu, params.size());
+    detail::require_step(name_, state.step);
     const auto& o = options_;
-    const S factor = apply_learning_rate_ ? -(state.learning_rate = o.learning_rate(state.step)) : S(1);
+    const S factor = apply_learning_rate_ ? -(state.learning_rate = o.learning_rate.at(name_, state.step)) : S(1);
     ++state.step;
     const S c1 = S(1) / (S(1) - std::pow(o.b1, static_cast<S>(state.step)));
     const S c2 = S(1) / (S(1) - std::pow(o.b2, static_cast<S>(state.step)));
@@ -484,17 +812,20 @@ class Adam {
  private:
   AdamOptions<S> options_;
   bool apply_learning_rate_;
+  const char* name_;
 };
 
 template <class S>
 Adam<S> adam(AdamOptions<S> options = {}) {
-  options.weight_decay = 0;
+  detail::require(options.weight_decay == S(0), "adam", "weight_decay", "0 (adamw decays weights)",
+                  options.weight_decay);
   return Adam<S>(std::move(options), true);
 }
 
 template <class S>
 Adam<S> adamw(AdamWOptions<S> options = {}) {
-  return Adam<S>({std::move(options.learning_rate), options.b1, options.b2, options.eps, options.weight_decay}, true);
+  return Adam<S>({std::move(options.learning_rate), options.b1, options.b2, options.eps, options.weight_decay}, true,
+                 "adamw");
 }
 
 template <class S>
