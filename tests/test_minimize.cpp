@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <limits>
 #include <numeric>
 #include <set>
 #include <sstream>
@@ -228,7 +229,7 @@ TEST_CASE("a non-finite loss stops the run; NonFiniteGuard keeps the last finite
   auto result = minimize(cliff, x, sgd<double>({.learning_rate = 0.5}), Stop{.max_steps = 100});
   CHECK(result.reason == StopReason::NonFinite);
   CHECK(result.message.find("non-finite loss") != std::string::npos);
-  CHECK(x(0) >= 3);  // without the guard: the parameters where it failed
+  CHECK(x(0) < 3);  // the guard only reports: minimize itself keeps the last finite parameters
 
   x.setZero();
   NonFiniteGuard<double> guard(false);
@@ -238,7 +239,7 @@ TEST_CASE("a non-finite loss stops the run; NonFiniteGuard keeps the last finite
   CHECK(x(0) == guard.last_finite(0));
   CHECK(result.message.find("restored to step " + std::to_string(guard.last_finite_step)) != std::string::npos);
 
-  // A NaN gradient with a finite loss: only the guard notices.
+  // A NaN gradient with a finite loss.
   struct NanGradient {
     using Scalar = double;
     Index dim() const { return 1; }
@@ -337,4 +338,187 @@ TEST_CASE("minimize and ModelObjective reject bad input", "[minimize][errors]") 
   auto ce = make_objective(LinearModel<double>(3, 2), CrossEntropyLoss<double>{}, X, bad);
   Vector<double> g6(6);
   CHECK_THROWS_AS(ce.value_and_grad(Vector<double>::Zero(6), g6), gradus::invalid_argument);
+}
+
+namespace {
+
+// The quadratic until evaluation `fail_at` (0-based), then a NaN loss or a NaN gradient entry.
+template <class S>
+struct FailsAt {
+  using Scalar = S;
+  problems::Quadratic<S> quadratic{3, 4.0};
+  Index fail_at;
+  bool nan_loss;
+  mutable Index evaluations = 0;
+
+  Index dim() const { return 3; }
+  S value_and_grad(const Eigen::Ref<const Vector<S>>& x, Eigen::Ref<Vector<S>> g) const {
+    S value = quadratic.value_and_grad(x, g);
+    if (evaluations++ == fail_at) {
+      if (nan_loss) value = std::numeric_limits<S>::quiet_NaN();
+      else g(1) = std::numeric_limits<S>::quiet_NaN();
+    }
+    return value;
+  }
+};
+
+// Requests a stop at every step, the failing one included.
+struct AlwaysStop {
+  bool on_step(const StepInfo<double>&) { return true; }
+};
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("minimize never returns non-finite parameters, whatever the callbacks", "[minimize][callbacks]",
+                   float, double) {
+  using S = TestType;
+  const auto opt = adam<S>({.learning_rate = S(0.1)});
+  // x_4: four updates of the same run, without failure.
+  const FailsAt<S> healthy{.fail_at = -1, .nan_loss = true};
+  Vector<S> x4 = Vector<S>::Zero(3);
+  const auto reference = minimize(healthy, x4, opt, Stop{.max_steps = 4});
+  REQUIRE(reference.steps == 4);
+
+  for (const bool nan_loss : {true, false}) {
+    CAPTURE(nan_loss);
+    const FailsAt<S> objective{.fail_at = 5, .nan_loss = nan_loss};
+    Vector<S> x = Vector<S>::Zero(3);
+    auto state = opt.init(x);
+    const auto result = minimize(objective, x, opt, state, Stop{.max_steps = 100});
+    CHECK(result.reason == StopReason::NonFinite);
+    CHECK(x == x4);  // the loss and gradient at step 5 were non-finite: x_4, bit for bit
+    CHECK(result.steps == 4);
+    CHECK(result.evaluations == 6);
+    CHECK(result.value == reference.value);
+    CHECK(result.grad_norm == reference.grad_norm);
+    CHECK(result.message == std::string("gradus::minimize: non-finite ") + (nan_loss ? "loss (nan)" : "gradient (norm nan)") +
+                                " at step 5; parameters restored to step 4, the last finite one");
+    CHECK(state.step == 5);  // the update towards x_5 was taken; the NaN never reached the state
+    CHECK(state.mu.allFinite());
+    CHECK(state.nu.allFinite());
+  }
+
+  // Step 0 already fails: x is the starting point.
+  const FailsAt<S> at_once{.fail_at = 0, .nan_loss = false};
+  Vector<S> x = Vector<S>::Constant(3, S(0.5));
+  auto result = minimize(at_once, x, opt, Stop{});
+  CHECK(result.reason == StopReason::NonFinite);
+  CHECK(x.isConstant(S(0.5)));
+  CHECK(result.steps == 0);
+  CHECK(result.message.find("at step 0; no finite step to restore, parameters are the starting ones") !=
+        std::string::npos);
+
+  // Callbacks: logging, a best-parameters record, a guard.
+  x.setZero();
+  LossLog log{.every = 1};
+  BestParameters<S> best;
+  NonFiniteGuard<S> guard(false);
+  FailsAt<S> fails{.fail_at = 5, .nan_loss = false};
+  result = minimize(fails, x, opt, Stop{}, log, best, guard);
+  CHECK(x == x4);
+  CHECK(log.history.size() == 6);  // the failing step is reported to the callbacks
+  CHECK(best.step <= 4);           // but never recorded as the best: its gradient was NaN
+  CHECK(guard.last_finite_step == 4);
+  CHECK(guard.last_finite == x4);
+}
+
+TEST_CASE("minimize: a callback stopping at the failing step does not hide it", "[minimize][callbacks]") {
+  Vector<double> x = Vector<double>::Zero(3);
+  const FailsAt<double> at_once{.fail_at = 0, .nan_loss = true};
+  const auto result = minimize(at_once, x, sgd<double>(), Stop{}, AlwaysStop{});
+  CHECK(result.reason == StopReason::NonFinite);
+  CHECK(x.isZero());
+  x.setZero();
+  const FailsAt<double> at_three{.fail_at = 3, .nan_loss = true};
+  const auto later = minimize(at_three, x, sgd<double>(),
+                              Stop{.max_steps = 10}, BestParameters<double>{.restore = true});
+  CHECK(later.reason == StopReason::NonFinite);
+  CHECK(x.allFinite());
+}
+
+TEST_CASE("minimize: finite gradients whose norm overflows are not non-finite", "[minimize]") {
+  struct Huge {
+    using Scalar = float;
+    Index dim() const { return 2; }
+    float value_and_grad(const Eigen::Ref<const Vector<float>>&, Eigen::Ref<Vector<float>> g) const {
+      g.setConstant(3e38f);
+      return 1;
+    }
+  };
+  Vector<float> x = Vector<float>::Zero(2);
+  const Huge huge;
+  const auto result = minimize(huge, x, sgd<float>({.learning_rate = 1e-38f}), Stop{.max_steps = 3});
+  CHECK(result.reason == StopReason::MaxSteps);
+  CHECK(std::isinf(result.grad_norm));  // the norm itself is beyond float
+  CHECK(x.allFinite());
+}
+
+TEMPLATE_TEST_CASE("result.value and result.grad_norm describe the returned x", "[minimize]", float, double) {
+  using S = TestType;
+  auto objective = logistic_objective<S>(60, 3, S(0.01));
+  Vector<S> g(objective.dim());
+  for (const double grad_tol : {0.0, 1e-3}) {
+    Vector<S> x = objective.model().init_params(5);
+    const auto result = minimize(objective, x, adam<S>({.learning_rate = S(0.05)}),
+                                 Stop{.max_steps = 50, .grad_tol = grad_tol});
+    CHECK(result.value == objective.value_and_grad(x, g));
+    CHECK(result.grad_norm == Approx(g.norm()).epsilon(1e-6));
+  }
+  // BestParameters{.restore = true} replaces x: the result follows it. (A diverging step size.)
+  const problems::Quadratic<S> quadratic(3, 2.0);
+  Vector<S> x = Vector<S>::Zero(3);
+  BestParameters<S> best{.restore = true};
+  const auto result = minimize(quadratic, x, sgd<S>({.learning_rate = S(2.5)}), Stop{.max_steps = 12}, best);
+  CHECK(result.steps == 0);
+  CHECK(x.isZero());
+  Vector<S> gq(3);
+  CHECK(result.value == quadratic.value_and_grad(x, gq));
+  CHECK(result.grad_norm == Approx(gq.norm()));
+  // In a minibatch run they are the last minibatch's, at the returned x.
+  Vector<S> xb = objective.model().init_params(5);
+  LossLog log{.every = 1};
+  const auto batched = minimize(objective, xb, sgd<S>({.learning_rate = S(0.1)}), Stop{.max_steps = 7},
+                                Minibatch{.batch_size = 8, .seed = 2}, log);
+  CHECK(batched.value == S(log.history.back().second));
+}
+
+TEST_CASE("minimize and its callbacks: every option's boundary", "[minimize][errors]") {
+  const problems::Quadratic<double> quadratic(2, 2.0);
+  Vector<double> x = Vector<double>::Zero(2);
+  const double big = std::numeric_limits<double>::max(), inf = std::numeric_limits<double>::infinity();
+  const double below_zero = std::nextafter(0.0, -1.0);
+  CHECK(minimize(quadratic, x, sgd<double>(), Stop{.max_steps = 5, .grad_tol = big}).reason == StopReason::GradTol);
+  CHECK(minimize(quadratic, x, sgd<double>(), Stop{.max_steps = 5, .loss_tol = big}).steps == 1);
+  for (const double tol : {inf, below_zero, std::nan("")}) {
+    CHECK_THROWS_AS(minimize(quadratic, x, sgd<double>(), Stop{.grad_tol = tol}), gradus::invalid_argument);
+    CHECK_THROWS_AS(minimize(quadratic, x, sgd<double>(), Stop{.loss_tol = tol}), gradus::invalid_argument);
+  }
+  CHECK_THROWS_WITH(minimize(quadratic, x, sgd<double>(), Stop{.grad_tol = inf}),
+                    "gradus::minimize: argument 'stop.grad_tol': expected a finite value >= 0, got inf");
+
+  // Minibatches: batch_size >= 1 (any size; beyond the rows it is the full batch); start_step
+  // + max_steps within the step counter.
+  auto objective = logistic_objective<double>(20, 3, 0.0);
+  Vector<double> theta = Vector<double>::Zero(4);
+  const Index top = std::numeric_limits<Index>::max();
+  CHECK(minimize(objective, theta, sgd<double>(), Stop{.max_steps = 2}, Minibatch{.batch_size = top}).steps == 2);
+  CHECK(minimize(objective, theta, sgd<double>(), Stop{.max_steps = 2},
+                 Minibatch{.batch_size = 3, .start_step = top - 2})
+            .steps == 2);
+  CHECK_THROWS_WITH(minimize(objective, theta, sgd<double>(), Stop{.max_steps = 2},
+                             Minibatch{.batch_size = 3, .start_step = top - 1}),
+                    Catch::StartsWith("gradus::minimize: argument 'minibatch.start_step': expected a value in [0, "));
+  CHECK_THROWS_AS(minimize(objective, theta, sgd<double>(), Stop{}, Minibatch{.start_step = -1}),
+                  gradus::invalid_argument);
+
+  // Callbacks.
+  CHECK_THROWS_WITH(minimize(quadratic, x, sgd<double>(), Stop{}, LossLog{.every = 0}),
+                    "gradus::LossLog: argument 'every': expected a value > 0, got 0");
+  CHECK_THROWS_AS(minimize(quadratic, x, sgd<double>(), Stop{}, LossLog{.print = true, .out = nullptr}),
+                  gradus::invalid_argument);
+  CHECK_THROWS_AS(ProgressBar({.out = nullptr}), gradus::invalid_argument);
+  problems::Quadratic<double> validation(2, 1.0);
+  CHECK_NOTHROW(EarlyStopping(validation, {.min_delta = big}));
+  CHECK_THROWS_AS(EarlyStopping(validation, {.min_delta = inf}), gradus::invalid_argument);
+  CHECK_THROWS_AS(EarlyStopping(validation, {.min_delta = below_zero}), gradus::invalid_argument);
 }

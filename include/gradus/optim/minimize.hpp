@@ -9,16 +9,23 @@
 //                                  gradus::Stop{.max_steps = 500, .grad_tol = 1e-6},
 //                                  gradus::ProgressBar{}, log, best);
 //
-// The loop owns nothing but x, the gradient buffer and the transform state, so transforms
-// nest (chain, SSO's inner solver) and a run resumes from a saved state: pass the state
-// (minimize(objective, x, transform, state, stop, ...)) and, for minibatches, the step to
-// continue from (Minibatch::start_step). The final x is evaluated once more, so
-// result.value is the objective at the returned x (full batch).
+// The loop owns nothing but x, the gradient buffer, the previous iterate and the transform
+// state, so transforms nest (chain, SSO's inner solver) and a run resumes from a saved
+// state: pass the state (minimize(objective, x, transform, state, stop, ...)) and, for
+// minibatches, the step to continue from (Minibatch::start_step).
 //
 // Stop criteria (each off when 0): max_steps updates; ||g|| <= grad_tol; |f_k - f_{k-1}|
-// <= loss_tol. In minibatch mode they apply to minibatch values. A non-finite loss always
-// stops the run (StopReason::NonFinite); NonFiniteGuard also checks the gradient and
-// restores the last parameters at which both were finite.
+// <= loss_tol. In minibatch mode they apply to minibatch values. A non-finite loss or
+// gradient always stops the run (StopReason::NonFinite) before the transform sees it, and x
+// is put back to the previous iterate, the last at which both were finite (the starting x if
+// that was step 0). The transform state is not rolled back: it has taken the update that led
+// to the non-finite point. x comes back in a buffer of minimize's own (the previous iterate is
+// kept by swapping buffers, not by a copy), so re-take x.data() after the call.
+//
+// The result describes the returned x: result.steps updates led to it, and result.value and
+// result.grad_norm are the values the run evaluated there (the full objective in a
+// full-batch run, that step's minibatch otherwise). A callback that replaces x in on_end
+// keeps them true: BestParameters{.restore = true} sets those of the step it restores.
 //
 // Callbacks are any objects with some of these members, detected at compile time:
 //   bool-or-void on_step(const StepInfo<S>&)     true requests a stop
@@ -83,8 +90,8 @@ template <class S>
 struct MinimizeResult {
   Index steps = 0;        // updates applied
   Index evaluations = 0;  // value_and_grad calls
-  S value = 0;            // objective at the last evaluation
-  S grad_norm = 0;        // norm of the last gradient
+  S value = 0;            // objective at the returned x (its minibatch's, in minibatch runs)
+  S grad_norm = 0;        // norm of the gradient there
   StopReason reason = StopReason::MaxSteps;
   std::string message;
   double seconds = 0;
@@ -100,8 +107,9 @@ struct StepInfo {
   const Vector<S>& x;
   const Vector<S>& grad;
   double seconds;   // since the call began
+  bool finite;      // loss and gradient both finite; if not, this is the last step
 
-  S grad_norm() const { return grad.norm(); }
+  S grad_norm() const { return detail::global_norm(grad); }
 };
 
 template <class C, class S>
@@ -113,11 +121,13 @@ namespace detail {
 // The rows of minibatch k: epoch k / batches_per_epoch of a seeded shuffle.
 class BatchSampler {
  public:
-  BatchSampler(Index num_samples, const Minibatch& options) : options_(options), order_(num_samples) {
+  BatchSampler(Index num_samples, const Minibatch& options, Index max_steps) : options_(options) {
     require_positive("minimize", "minibatch.batch_size", options.batch_size);
-    require_nonnegative("minimize", "minibatch.start_step", options.start_step);
+    require_in_range("minimize", "minibatch.start_step", options.start_step, Index(0),
+                     std::numeric_limits<Index>::max() - max_steps, true);
     require_nonempty("minimize", "objective", num_samples, "samples");
-    batches_per_epoch_ = (num_samples + options.batch_size - 1) / options.batch_size;
+    order_.resize(static_cast<std::size_t>(num_samples));
+    batches_per_epoch_ = (num_samples - 1) / options.batch_size + 1;
   }
 
   std::span<const Index> batch(Index step) {
@@ -168,19 +178,19 @@ MinimizeResult<typename F::Scalar> minimize_loop(F& objective, Vector<typename F
   using S = typename F::Scalar;
   require_size("minimize", "x", x.size(), objective.dim(), "entries (objective dim)");
   require_nonnegative("minimize", "stop.max_steps", stop.max_steps);
-  require_nonnegative("minimize", "stop.grad_tol", stop.grad_tol);
-  require_nonnegative("minimize", "stop.loss_tol", stop.loss_tol);
+  require_finite_nonnegative("minimize", "stop.grad_tol", stop.grad_tol);
+  require_finite_nonnegative("minimize", "stop.loss_tol", stop.loss_tol);
 
   std::optional<BatchSampler> sampler;
   if constexpr (MinibatchObjective<F>) {
-    if (minibatch) sampler.emplace(objective.num_samples(), *minibatch);
+    if (minibatch) sampler.emplace(objective.num_samples(), *minibatch, stop.max_steps);
   }
   const auto start = std::chrono::steady_clock::now();
   auto elapsed = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(); };
 
   MinimizeResult<S> result;
-  Vector<S> g(x.size());
-  S previous = std::numeric_limits<S>::quiet_NaN();
+  Vector<S> g(x.size()), previous_x;
+  S previous = std::numeric_limits<S>::quiet_NaN(), previous_norm = previous;
   for (Index step = 0;; ++step) {
     S value;
     if constexpr (MinibatchObjective<F>) {
@@ -190,10 +200,13 @@ MinimizeResult<typename F::Scalar> minimize_loop(F& objective, Vector<typename F
       value = objective.value_and_grad(x, g);
     }
     ++result.evaluations;
+    const S norm = global_norm(g);
+    const bool finite = std::isfinite(value) && (std::isfinite(norm) || g.allFinite());
     result.steps = step;
     result.value = value;
+    result.grad_norm = norm;
 
-    const StepInfo<S> info{step, stop.max_steps, value, x, g, elapsed()};
+    const StepInfo<S> info{step, stop.max_steps, value, x, g, elapsed(), finite};
     bool callback_stop = false;
     StopReason callback_reason = StopReason::Callback;
     std::string callback_message;
@@ -205,13 +218,21 @@ MinimizeResult<typename F::Scalar> minimize_loop(F& objective, Vector<typename F
     };
     (visit(callbacks), ...);
 
-    const bool finite = std::isfinite(value);
-    if (stop.grad_tol > 0) result.grad_norm = g.norm();
-    if (!finite || (stop.grad_tol > 0 && !std::isfinite(result.grad_norm))) {
+    if (!finite) {
       result.reason = StopReason::NonFinite;
-      result.message = "gradus::minimize: non-finite " + std::string(finite ? "gradient" : "loss") + " (" +
-                       to_text(finite ? result.grad_norm : value) + ") at step " + to_text(step);
-    } else if (stop.grad_tol > 0 && result.grad_norm <= stop.grad_tol) {
+      const bool loss = !std::isfinite(value);
+      result.message = "gradus::minimize: non-finite " + std::string(loss ? "loss" : "gradient") + " (" +
+                       (loss ? to_text(value) : "norm " + to_text(norm)) + ") at step " + to_text(step) + "; ";
+      if (step == 0) {
+        result.message += "no finite step to restore, parameters are the starting ones";
+      } else {
+        result.message += "parameters restored to step " + to_text(step - 1) + ", the last finite one";
+        x.swap(previous_x);
+        result.steps = step - 1;
+        result.value = previous;
+        result.grad_norm = previous_norm;
+      }
+    } else if (stop.grad_tol > 0 && norm <= stop.grad_tol) {
       result.reason = StopReason::GradTol;
     } else if (stop.loss_tol > 0 && std::abs(previous - value) <= stop.loss_tol) {
       result.reason = StopReason::LossTol;
@@ -222,13 +243,14 @@ MinimizeResult<typename F::Scalar> minimize_loop(F& objective, Vector<typename F
       result.reason = StopReason::MaxSteps;
     } else {
       previous = value;
+      previous_norm = norm;
       transform.update(g, state, x);
-      x += g;
+      previous_x = x + g;  // x_{k+1}; after the swap, previous_x holds x_k
+      x.swap(previous_x);
       continue;
     }
     break;
   }
-  if (stop.grad_tol <= 0) result.grad_norm = g.norm();
   if (result.message.empty()) result.message = to_string(result.reason);
   result.seconds = elapsed();
   [[maybe_unused]] auto finish = [&](auto& callback) {
@@ -288,6 +310,7 @@ class ProgressBar {
  public:
   explicit ProgressBar(ProgressBarOptions options = {}) : options_(options) {
     detail::require_in_range("ProgressBar", "options.width", options_.width, 1, 512, true);
+    detail::require(options_.out != nullptr, "ProgressBar", "options.out", "an open FILE*", "nullptr");
   }
 
   template <class S>
@@ -347,68 +370,65 @@ struct LossLog {
 
   template <class S>
   void on_step(const StepInfo<S>& info) {
+    detail::require_positive("LossLog", "every", every);
+    detail::require(!print || out != nullptr, "LossLog", "out", "an open FILE* when print is set", "nullptr");
     if (info.step % every != 0 && info.step < info.max_steps) return;
     history.emplace_back(info.step, static_cast<double>(info.value));
     if (print) std::fprintf(out, "step %8lld  loss %.8g\n", static_cast<long long>(info.step), static_cast<double>(info.value));
   }
 };
 
-// Keeps a copy of the parameters with the lowest finite loss seen; restore puts them in x at the end.
+// Keeps a copy of the parameters with the lowest loss seen at a finite step (loss and
+// gradient finite); restore puts them in x at the end, with their step, value and gradient
+// norm in the result.
 template <class S>
 struct BestParameters {
   bool restore = false;
   S value = std::numeric_limits<S>::infinity();
   Index step = -1;
   Vector<S> params = {};
+  S grad_norm = std::numeric_limits<S>::quiet_NaN();
 
   void on_step(const StepInfo<S>& info) {
-    if (info.value < value) {  // false for NaN
+    if (info.finite && info.value < value) {
       value = info.value;
       step = info.step;
       params = info.x;
+      grad_norm = info.grad_norm();
     }
   }
-  void on_end(MinimizeResult<S>&, Vector<S>& x) {
-    if (restore && step >= 0) x = params;
+  void on_end(MinimizeResult<S>& result, Vector<S>& x) {
+    if (!restore || step < 0) return;
+    x = params;
+    result.steps = step;
+    result.value = value;
+    result.grad_norm = grad_norm;
   }
 };
 
-// Stops when a non-finite loss or gradient appears and puts back the last parameters at
-// which both were finite (it copies x every step: use it when a blow-up is plausible).
+// Reports a non-finite stop and keeps the parameters minimize restored. (minimize itself
+// always stops at a non-finite loss or gradient with the last finite parameters; the guard
+// adds the report and the record.)
 template <class S>
 class NonFiniteGuard {
  public:
   explicit NonFiniteGuard(bool print = true) : print_(print) {}  // print: the message also goes to stderr
 
+  // After a non-finite stop: the step x was restored to and its parameters (-1 and empty
+  // when step 0 already failed and x is the starting point).
   Index last_finite_step = -1;
   Vector<S> last_finite;
 
-  bool on_step(const StepInfo<S>& info) {
-    if (std::isfinite(info.value) && info.grad.allFinite()) {
-      last_finite = info.x;
-      last_finite_step = info.step;
-      return false;
-    }
-    message_ = "gradus::minimize: non-finite " + std::string(std::isfinite(info.value) ? "gradient" : "loss") +
-               " at step " + detail::to_text(info.step) + "; ";
-    message_ += last_finite_step >= 0
-                    ? "parameters restored to step " + detail::to_text(last_finite_step) + ", the last finite one"
-                    : "no finite step to restore, parameters are the starting ones";
-    return true;
-  }
-  StopReason stop_reason() const { return StopReason::NonFinite; }
-  std::string stop_message() const { return message_; }
-
   void on_end(MinimizeResult<S>& result, Vector<S>& x) {
     if (result.reason != StopReason::NonFinite) return;
-    if (last_finite_step >= 0) x = last_finite;
-    result.message = message_.empty() ? result.message : message_;
+    const bool restored = result.evaluations > 1;
+    last_finite_step = restored ? result.steps : -1;
+    last_finite = restored ? x : Vector<S>();
     if (print_) std::fprintf(stderr, "%s\n", result.message.c_str());
   }
 
  private:
   bool print_;
-  std::string message_;
 };
 
 template <class S>
@@ -428,7 +448,7 @@ class EarlyStopping {
   EarlyStopping(V& validation, EarlyStoppingOptions<S> options = {}) : validation_(&validation), options_(options) {
     detail::require_positive("EarlyStopping", "options.patience", options_.patience);
     detail::require_positive("EarlyStopping", "options.every", options_.every);
-    detail::require_nonnegative("EarlyStopping", "options.min_delta", options_.min_delta);
+    detail::require_finite_nonnegative("EarlyStopping", "options.min_delta", options_.min_delta);
   }
 
   bool on_step(const StepInfo<S>& info) {
