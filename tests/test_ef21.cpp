@@ -199,6 +199,83 @@ TEST_CASE("Compressors reject k = 0 and k > d", "[ef21][compressors][errors]") {
   CHECK_THROWS_AS(TopK{1}.alpha(0), gradus::invalid_argument);
 }
 
+TEMPLATE_TEST_CASE("Compressors: the domains of d and k, at their boundaries", "[ef21][compressors][errors]", float,
+                   double) {
+  using S = TestType;
+  Rng rng;
+  SparseMessage<S> message;
+  const Vector<S> empty(0), v = random_vector<S>(5, 2);
+  CHECK_THROWS_WITH(TopK{1}.compress(empty, message, rng),
+                    "gradus::TopK::compress: argument 'v': expected a vector of size in [1, 2^31 - 1], got 0");
+  CHECK_THROWS_AS(RandK{1}.compress(empty, message, rng), gradus::invalid_argument);
+  CHECK_THROWS_AS(Identity{}.compress(empty, message, rng), gradus::invalid_argument);
+  CHECK_THROWS_AS(Identity{}.alpha(0), gradus::invalid_argument);
+  for (Index k : {Index(1), Index(5)}) {  // both ends of [1, d]
+    TopK{k}.compress(v, message, rng);
+    CHECK(message.nnz() == k);
+    RandK{k}.compress(v, message, rng);
+    CHECK(message.nnz() == k);
+    RandK{k, true}.compress(v, message, rng);
+    CHECK(message.to_dense().allFinite());
+  }
+  CHECK(TopK{5}.alpha(5) == 1);
+  for (Index k : {Index(0), Index(6), Index(-1), std::numeric_limits<Index>::min()}) {
+    CHECK_THROWS_AS(TopK{k}.compress(v, message, rng), gradus::invalid_argument);
+    CHECK_THROWS_AS(RandK{k}.compress(v, message, rng), gradus::invalid_argument);
+    CHECK_THROWS_AS((RandK{k, true}.omega(5)), gradus::invalid_argument);
+  }
+}
+
+TEMPLATE_TEST_CASE("Compressors propagate NaN and Inf", "[ef21][compressors]", float, double) {
+  using S = TestType;
+  const S inf = std::numeric_limits<S>::infinity(), nan = std::numeric_limits<S>::quiet_NaN();
+  Vector<S> v(6);
+  v << 1, -inf, 5, nan, inf, -2;
+  Rng rng;
+  SparseMessage<S> message;
+  TopK{3}.compress(v, message, rng);  // NaN and +-Inf outrank every finite magnitude
+  CHECK(message.indices == std::vector<std::int32_t>{1, 3, 4});
+  CHECK(message.values[0] == -inf);
+  CHECK(std::isnan(message.values[1]));
+  CHECK(message.values[2] == inf);
+  TopK{4}.compress(v, message, rng);
+  CHECK(message.indices == std::vector<std::int32_t>{1, 2, 3, 4});
+  Identity{}.compress(v, message, rng);
+  CHECK(std::isnan(message.values[3]));
+  CHECK(message.values[1] == -inf);
+  for (bool scaled : {false, true}) {
+    RandK{6, scaled}.compress(v, message, rng);
+    CHECK(message.indices == std::vector<std::int32_t>{0, 1, 2, 3, 4, 5});
+    CHECK(std::isnan(message.values[3]));
+    CHECK(message.values[4] == inf);
+  }
+}
+
+TEST_CASE("Messages are checked against the dimension before use", "[ef21][compressors][errors]") {
+  const std::vector<std::int32_t> indices = {0, 39};
+  const std::vector<double> values = {1, 2}, dense = {1, 2, 3, 4};
+  Eigen::VectorXd target = Eigen::VectorXd::Zero(4);
+  const MessageView<double> out_of_range{4, indices, values};
+  CHECK_FALSE(out_of_range.valid(4));
+  CHECK_THROWS_WITH(out_of_range.add_to(target, 1.0),
+                    "gradus::MessageView::add_to: argument 'message': expected a message of dimension 4: no values, 4 "
+                    "values without indices, or one value per index in [0, 4), got dimension 4, 2 indices in [0, 39], "
+                    "2 values");
+  const std::vector<std::int32_t> negative = {-1, 2};
+  CHECK_THROWS_AS((MessageView<double>{4, negative, values}.add_to(target, 1.0)), gradus::invalid_argument);
+  CHECK_THROWS_AS((MessageView<double>{4, std::span(indices).first(1), values}.add_to(target, 1.0)),
+                  gradus::invalid_argument);  // 1 index, 2 values
+  CHECK_THROWS_AS((MessageView<double>{4, {}, values}.add_to(target, 1.0)), gradus::invalid_argument);
+  const MessageView<double> whole{4, {}, dense};
+  Eigen::VectorXd longer = Eigen::VectorXd::Zero(40);
+  CHECK_THROWS_AS(whole.add_to(longer, 1.0), gradus::invalid_argument);  // a reader with the wrong d
+  CHECK_THROWS_AS((MessageView<double>{-1, {}, {}}.to_dense()), gradus::invalid_argument);
+  CHECK(target == Eigen::VectorXd::Zero(4));  // every rejection wrote nothing
+  whole.add_to(target, 2.0);
+  CHECK(target == Eigen::Vector4d(2, 4, 6, 8));
+  CHECK((MessageView<double>{4, {}, {}}.valid(4)));
+}
+
 // ---------------------------------------------------------------- step sizes
 
 TEST_CASE("theta, beta, xi and the QM / AM step sizes", "[ef21][step_sizes]") {
@@ -224,6 +301,79 @@ TEST_CASE("theta, beta, xi and the QM / AM step sizes", "[ef21][step_sizes]") {
                     "gradus::ef21::arithmetic_mean: argument 'L_i': expected a value > 0, got -2");
   CHECK_THROWS_AS(quadratic_mean(std::vector<double>()), gradus::invalid_argument);
   CHECK_THROWS_AS(step_size(0, L, 0.5, StepRule::QuadraticMean), gradus::invalid_argument);
+}
+
+namespace {
+
+// theta = 1 - sqrt(1 - a) in long double, free of cancellation: its binomial series sum c_k a^k
+// (c_1 = 1/2, c_{k+1} = c_k (2k - 1) / (2k + 2)) for a <= 1/2, the direct form above.
+long double theta_reference(long double a) {
+  if (a > 0.5L) return 1 - std::sqrt(1 - a);
+  long double sum = 0, term = a / 2;
+  for (int k = 1; term > sum * 1e-25L; ++k) {
+    sum += term;
+    term *= a * (2 * k - 1) / (2 * k + 2);
+  }
+  return sum;
+}
+
+template <class T>
+bool near(T value, long double reference, long double ulps = 4) {
+  if (reference == 0) return value == 0;
+  return std::abs(static_cast<long double>(value) - reference) <= ulps * std::numeric_limits<T>::epsilon() * reference;
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("theta, beta and xi are accurate down to alpha = 1e-15 and at the domain's ends",
+                   "[ef21][step_sizes]", float, double) {
+  using T = TestType;
+  const T low = 2 * std::numeric_limits<T>::min();
+  std::vector<T> alphas = {1, T(0.75), T(0.5), T(1) / 14, low};
+  for (int e = 1; e <= 15; ++e) alphas.push_back(static_cast<T>(std::pow(10.0L, -e)));
+  for (T alpha : alphas) {
+    const long double a = alpha, t = theta_reference(a);
+    INFO("alpha = " << alpha);
+    CHECK(near(theta(alpha), t));
+    CHECK(near(beta(alpha), (1 - a) / t));
+    CHECK(near(xi(alpha), std::sqrt(1 - a) / t));
+    CHECK(std::isfinite(beta(alpha)));
+    CHECK(theta(alpha) >= std::numeric_limits<T>::min());  // normal
+  }
+  CHECK(theta(low) == std::numeric_limits<T>::min());
+  CHECK(theta(T(1)) == 1);
+  for (T bad : {std::nextafter(low, T(0)), T(0), std::nextafter(T(1), T(2)), -T(1), std::numeric_limits<T>::quiet_NaN()}) {
+    CHECK_THROWS_AS(theta(bad), gradus::invalid_argument);
+    CHECK_THROWS_AS(beta(bad), gradus::invalid_argument);
+    CHECK_THROWS_AS(xi(bad), gradus::invalid_argument);
+  }
+}
+
+TEST_CASE("step_size is accurate for small alpha and rejects a gamma that is not a normal double",
+          "[ef21][step_sizes][errors]") {
+  const std::vector<double> L = {1, 3, 10};
+  for (int e = 0; e <= 15; ++e) {
+    const double alpha = std::pow(10.0, -e);
+    const long double a = alpha, t = theta_reference(a), x = std::sqrt(1 - a) / t;
+    for (StepRule rule : {StepRule::QuadraticMean, StepRule::ArithmeticMean}) {
+      const long double mean = rule == StepRule::QuadraticMean ? std::sqrt(110.0L / 3) : 14.0L / 3;
+      INFO("alpha = " << alpha);
+      CHECK(near(step_size(2, L, alpha, rule), 1 / (2 + mean * x), 8));  // 1 - sqrt(1 - 1e-12) was 9e-5 off
+    }
+  }
+  // Tiny alpha: gamma ~ alpha / (2 Ltilde), finite and positive, until it would underflow.
+  const double tiny = 2 * std::numeric_limits<double>::min();
+  CHECK(step_size(1, std::vector<double>{1}, tiny, StepRule::ArithmeticMean) == std::numeric_limits<double>::min());
+  CHECK_THROWS_AS(step_size(1, std::vector<double>{std::nextafter(1.0, 2.0)}, tiny, StepRule::ArithmeticMean),
+                  gradus::invalid_argument);
+  CHECK_THROWS_AS(step_size(1, L, std::nextafter(tiny, 0.0), StepRule::ArithmeticMean), gradus::invalid_argument);
+  // alpha = 1: gamma = 1 / L, a normal double up to L = 2^1022.
+  const double largest = std::ldexp(1.0, 1022);
+  CHECK(step_size(largest, L, 1.0, StepRule::QuadraticMean) == std::numeric_limits<double>::min());
+  CHECK_THROWS_WITH(step_size(std::nextafter(largest, INFINITY), L, 1.0, StepRule::QuadraticMean),
+                    Catch::Contains("argument 'L, L_i': expected constants for which gamma"));
+  CHECK_THROWS_AS(step_size(1, std::vector<double>{1e308, 1e308}, 0.5, StepRule::QuadraticMean), gradus::invalid_argument);
+  CHECK_THROWS_AS(step_size(1, L, 0.5, StepRule(2)), gradus::invalid_argument);
 }
 
 // ---------------------------------------------------------------- logistic objective
@@ -576,4 +726,178 @@ TEST_CASE("heart_scale: the L_AM step needs >= 2.5x fewer rounds at c = 10 and i
       CHECK(speedup == Approx(1).margin(0.1));
     }
   }
+}
+
+TEMPLATE_TEST_CASE("EF21 options at the ends of their domains", "[ef21][errors]", float, double) {
+  using S = TestType;
+  using Limits = std::numeric_limits<S>;
+  const auto clients = make_clients<S>(2, 5, 6);
+  const Vector<S> start = x0.cast<S>();
+  auto run = [&](EF21Options options, int rounds = 5) {
+    EF21 method(clients, TopK{2}, start, options);
+    for (int t = 0; t < rounds; ++t) method.step();
+    return method.x();
+  };
+  auto rejects = [&](EF21Options options) {
+    CHECK_THROWS_AS(EF21(clients, TopK{2}, start, options), gradus::invalid_argument);
+  };
+  const double low = Limits::min(), high = Limits::max();
+  CHECK(run({.gamma = low}) == start);  // moves by less than an ulp, but runs
+  CHECK_NOTHROW(EF21(clients, TopK{2}, start, {.gamma = high}));
+  rejects({.gamma = std::nextafter(low, 0.0)});
+  rejects({.gamma = std::nextafter(high, INFINITY)});
+  // momentum in [0, 1) once rounded to S
+  const double below_one = std::nextafter(S(1), S(0));
+  CHECK(run({.gamma = 0.01, .momentum = below_one}).allFinite());
+  rejects({.gamma = 0.01, .momentum = (1 + below_one) / 2});  // rounds to 1 in S
+  rejects({.gamma = 0.01, .momentum = std::nextafter(0.0, -1.0)});
+  CHECK(run({.gamma = 0.01, .participation = std::nextafter(0.0, 1.0)}).allFinite());  // nobody takes part
+  CHECK(run({.gamma = 0.01, .participation = 1}).allFinite());
+  rejects({.gamma = 0.01, .participation = std::nextafter(1.0, 2.0)});
+  CHECK(run({.gamma = 0.01, .batch_size = 5}).allFinite());  // every sample of a client
+  rejects({.gamma = 0.01, .batch_size = 6});
+  CHECK(run({.gamma = 0.01, .init = Init::Zero}).allFinite());
+  CHECK_THROWS_WITH(EF21(clients, TopK{2}, start, {.gamma = 0.01, .init = Init(3)}),
+                    "gradus::EF21::EF21: argument 'options.init': expected one of its 3 enumerators, got 3");
+  // weights: every share w_i / sum a normal S (and 1 / (n w_i) finite)
+  CHECK(run({.gamma = 0.01, .weights = {1, low}}).allFinite());
+  CHECK_THROWS_WITH(EF21(clients, TopK{2}, start, {.gamma = 0.01, .weights = {1, std::nextafter(low, 0.0)}}),
+                    Catch::Contains("argument 'options.weights': expected weights whose shares w_i / sum are normal"));
+  CHECK_NOTHROW(EF21(clients, TopK{2}, start, {.gamma = 0.01, .threads = std::numeric_limits<int>::max()}));
+}
+
+namespace {
+
+// A compressor that sends one index past the end: a message no reader may trust.
+struct OutOfRange {
+  void validate(Index) const {}
+  template <class D>
+  void compress(const Eigen::MatrixBase<D>& v, SparseMessage<typename D::Scalar>& out, Rng&) const {
+    out.dim = v.size();
+    out.indices.assign({0, static_cast<std::int32_t>(10 * v.size())});
+    out.values.assign({v(0), v(0)});
+  }
+};
+
+// A compressor that sends fewer values than indices.
+struct ShortValues {
+  void validate(Index) const {}
+  template <class D>
+  void compress(const Eigen::MatrixBase<D>& v, SparseMessage<typename D::Scalar>& out, Rng&) const {
+    out.dim = v.size();
+    out.indices.assign({0, 1, 2});
+    out.values.assign({v(0)});
+  }
+};
+
+}  // namespace
+
+TEST_CASE("EF21 rejects malformed messages instead of reading past a buffer", "[ef21][errors]") {
+  const auto clients = make_clients(3, 5, 6);
+  EF21 method(clients, OutOfRange{}, x0, {.gamma = 0.1});
+  CHECK_THROWS_WITH(method.step(), Catch::Contains("got dimension 6, 2 indices in [0, 60], 2 values"));
+  CHECK_THROWS_AS((EF21(clients, ShortValues{}, x0, {.gamma = 0.1, .init = Init::Compressed})),
+                  gradus::invalid_argument);
+}
+
+namespace {
+
+template <class S>
+bool same_state(const EF21Checkpoint<S>& a, const EF21Checkpoint<S>& b) {
+  return a.round == b.round && a.x == b.x && a.g == b.g && a.v == b.v && a.first_client == b.first_client &&
+         a.client_g == b.client_g && a.client_rng == b.client_rng && a.digest == b.digest;
+}
+
+// Every byte of a checkpoint's payload, as (pointer, size) spans, digest included.
+template <class S>
+std::vector<std::span<unsigned char>> bytes_of(EF21Checkpoint<S>& state) {
+  auto of = [](auto* data, std::size_t count) {
+    return std::span<unsigned char>(reinterpret_cast<unsigned char*>(data), count * sizeof *data);
+  };
+  std::vector<std::span<unsigned char>> parts = {of(&state.round, 1), of(state.x.data(), state.x.size()),
+                                                 of(state.g.data(), state.g.size()), of(state.v.data(), state.v.size()),
+                                                 of(&state.first_client, 1), of(state.client_rng.data(), state.client_rng.size()),
+                                                 of(&state.digest, 1)};
+  for (auto& g : state.client_g) parts.push_back(of(g.data(), static_cast<std::size_t>(g.size())));
+  return parts;
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("EF21::restore rejects every truncated or corrupted checkpoint and leaves the target as it was",
+                   "[ef21][errors][checkpoint]", float, double) {
+  using S = TestType;
+  const auto clients = make_clients<S>(2, 5, 3);
+  const Vector<S> start = random_vector<S>(3, 4);
+  const EF21Options options{.gamma = 0.1, .participation = 0.7, .momentum = 0.3, .seed = 2};
+  EF21 source(clients, RandK{1}, start, options);
+  for (int t = 0; t < 4; ++t) source.step();
+  const EF21Checkpoint<S> state = source.checkpoint();
+  EF21 target(clients, RandK{1}, start, options);
+  target.step();
+  const EF21Checkpoint<S> before = target.checkpoint();
+  auto rejected = [&](const EF21Checkpoint<S>& bad) {
+    bool threw = false;
+    try {
+      target.restore(bad);
+    } catch (const gradus::invalid_argument&) {
+      threw = true;
+    }
+    return threw && same_state(target.checkpoint(), before);
+  };
+  Index failures = 0, cases = 0;
+  // Every length of every vector but the right one.
+  for (int field = 0; field < 5; ++field) {
+    for (Index length = 0; length <= 4; ++length) {
+      auto bad = state;
+      Vector<S>& v = field == 0 ? bad.x : field == 1 ? bad.g : field == 2 ? bad.v : bad.client_g[static_cast<std::size_t>(field - 3)];
+      if (length == v.size()) continue;
+      v.conservativeResize(length);
+      ++cases;
+      failures += !rejected(bad);
+    }
+  }
+  for (int change : {-1, 1}) {  // one client too few or too many; one stream too few or too many
+    auto bad = state;
+    if (change < 0) bad.client_g.pop_back(); else bad.client_g.push_back(bad.client_g.back());
+    failures += !rejected(bad);
+    bad = state;
+    if (change < 0) bad.client_rng.pop_back(); else bad.client_rng.push_back(7);
+    failures += !rejected(bad);
+    cases += 2;
+  }
+  // Every byte flipped, one at a time, in three ways.
+  auto bad = state;
+  for (auto part : bytes_of(bad)) {
+    for (unsigned char& byte : part) {
+      for (unsigned char flip : {0x01, 0x80, 0xFF}) {
+        byte ^= flip;
+        ++cases;
+        failures += !rejected(bad);
+        byte ^= flip;
+      }
+    }
+  }
+  CHECK(cases == 20 + 4 + 3 * (40 + 15 * static_cast<Index>(sizeof(S))));  // lengths, counts, bytes
+  CHECK(failures == 0);
+  // A consistent checkpoint that no EF21 wrote: a negative round, or another process's first client.
+  auto negative = state;
+  negative.round = -1;
+  negative.digest = ef21::detail::digest_of(negative);
+  CHECK_THROWS_WITH(target.restore(negative),
+                    "gradus::EF21::restore: argument 'state.round': expected a value >= 0, got -1");
+  auto other = state;
+  other.first_client = 1;
+  other.digest = ef21::detail::digest_of(other);
+  CHECK(rejected(other));
+  // A checkpoint with another client count, and one of another scalar type (a compile error).
+  EF21 three(make_clients<S>(3, 5, 3), RandK{1}, start, options);
+  CHECK(rejected(three.checkpoint()));
+  using Other = std::conditional_t<std::is_same_v<S, float>, double, float>;
+  STATIC_REQUIRE_FALSE(requires(decltype(target)& method, const EF21Checkpoint<Other>& s) { method.restore(s); });
+  // The untouched checkpoint still restores, and continues like the source.
+  target.restore(state);
+  source.step();
+  target.step();
+  CHECK(target.x() == source.x());
 }

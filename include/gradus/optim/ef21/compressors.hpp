@@ -8,6 +8,10 @@
 //   RandK{k, .scaled = true}   the same times d/k: unbiased, E C(v) = v, with
 //                              E ||C(v) - v||^2 = omega ||v||^2, omega = d/k - 1 (not contractive).
 //   Identity{}                 C(v) = v as a dense message; alpha = 1.
+// Every compressor needs d = v.size() in [1, 2^31 - 1] (indices are int32) and TopK, RandK k in
+// [1, d]; anything else throws gradus::invalid_argument. Non-finite entries propagate, like any
+// other value: TopK ranks NaN and +-Inf as the largest magnitudes (ties to the lower index), RandK
+// and Identity copy whatever they pick.
 // Randomness is explicit: compress() draws from the Rng it is handed, so a run is reproducible from
 // its seeds and its Rng state can be checkpointed (EF21 keeps one stream per client).
 //
@@ -22,6 +26,8 @@
 #include <functional>
 #include <limits>
 #include <span>
+#include <string>
+#include <string_view>
 #include <vector>
 
 #include <Eigen/Core>
@@ -74,8 +80,36 @@ struct MessageView {
   std::uint64_t value_bits() const { return values.size() * sizeof(S) * 8; }
   std::uint64_t index_bits() const { return indices.size() * 32; }
 
+  // Well formed for dimension d: no values (a silent client), d values and no indices (dense), or
+  // one value per index, every index in [0, d). Anything else would read or write out of bounds.
+  bool valid(Index d) const {
+    if (dim != d) return false;
+    if (indices.empty()) return values.empty() || nnz() == d;
+    return values.size() == indices.size() &&
+           std::all_of(indices.begin(), indices.end(), [d](std::int32_t j) { return j >= 0 && j < d; });
+  }
+
+  // Throws unless valid(d); `argument` names the message in the error.
+  void require_valid(std::string_view function, std::string_view argument, Index d) const {
+    if (valid(d)) return;
+    using gradus::detail::to_text;
+    std::string given = "dimension " + to_text(dim) + ", " + to_text(indices.size()) + " indices";
+    if (!indices.empty()) {
+      const auto [low, high] = std::minmax_element(indices.begin(), indices.end());
+      given += " in [" + to_text(*low) + ", " + to_text(*high) + "]";
+    }
+    given += ", " + to_text(values.size()) + " values";
+    gradus::detail::throw_invalid_argument(function, argument,
+                                           "a message of dimension " + to_text(d) +
+                                               ": no values, " + to_text(d) +
+                                               " values without indices, or one value per index in [0, " +
+                                               to_text(d) + ")",
+                                           given);
+  }
+
   // target += scale * C(v).
   void add_to(Eigen::Ref<Vector<S>> target, S scale) const {
+    require_valid("MessageView::add_to", "message", target.size());
     if (dense()) {
       target += scale * Eigen::Map<const Vector<S>>(values.data(), dim);
       return;
@@ -84,6 +118,7 @@ struct MessageView {
   }
 
   Vector<S> to_dense() const {
+    gradus::detail::require_nonnegative("MessageView::to_dense", "dim", dim);
     Vector<S> out = Vector<S>::Zero(dim);
     add_to(out, S(1));
     return out;

@@ -21,17 +21,27 @@
 //
 // The algorithm is separate from the transport that carries messages. InProcess (here) simulates all
 // clients in one process, optionally on threads; gradus/optim/ef21/mpi.hpp has MpiTransport, where
-// each rank hosts a block of clients and every rank keeps x and g. A failure on any client (or rank)
+// each rank hosts a block of clients and every rank keeps x and g. Construction and restore() first
+// validate everything locally, then agree across processes, in one collective, on the outcome and on
+// every quantity that must be the same everywhere (dimension, scalar type, x0, compressor, options):
+// a bad input or a mismatch on any process throws gradus::invalid_argument on every process, before
+// any buffer is sized from another process's data. A failure on any client (or rank) during a round
 // stops every participant with an exception; the object is then in an unspecified state (restore a
-// checkpoint to continue).
+// checkpoint to continue). Messages received from any client are checked against d before use.
 
 #include <algorithm>
+#include <array>
+#include <bit>
 #include <cstdint>
+#include <cstring>
 #include <exception>
 #include <limits>
 #include <span>
+#include <string>
+#include <string_view>
 #include <thread>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -47,15 +57,15 @@ namespace gradus::ef21 {
 enum class Init { FullGradient, Compressed, Zero };
 
 struct EF21Options {
-  double gamma = 0;                // step size > 0, e.g. ef21::step_size(...)
+  double gamma = 0;                // step size, normal and finite in the scalar type, e.g. ef21::step_size(...)
   Init init = Init::FullGradient;  // g_i^0 (the authors' code: the full gradient)
   std::vector<double> weights{};   // EF21-W: one positive weight per client (L_i); empty: EF21
   double participation = 1;        // EF21-PP: probability p in (0, 1] that a client takes part
-  double momentum = 0;             // EF21-HB: eta in [0, 1)
+  double momentum = 0;             // EF21-HB: eta in [0, 1) (also once rounded to the scalar type)
   Index batch_size = 0;            // EF21-SGD: rows per minibatch gradient; 0: full gradients
   std::uint64_t seed = 0;          // seeds every client's random stream
   bool monitor = true;             // report ||grad f(x^t)||^2 (every client computes its full gradient)
-  int threads = 1;                 // in-process worker threads over the clients
+  int threads = 1;                 // in-process worker threads over the clients (may differ between ranks)
 };
 
 // What one round did. Bits are summed over the clients' uplink messages of this round.
@@ -68,6 +78,8 @@ struct RoundInfo {
 };
 
 // Round state of one process: x, g, v and the g_i and random streams of the clients it hosts.
+// digest covers everything else, so restore() rejects a checkpoint damaged anywhere (in memory, or
+// by whatever stored and reloaded it).
 template <class S>
 struct EF21Checkpoint {
   Index round = 0;
@@ -75,7 +87,108 @@ struct EF21Checkpoint {
   Index first_client = 0;
   std::vector<Vector<S>> client_g;
   std::vector<std::uint64_t> client_rng;
+  std::uint64_t digest = 0;
 };
+
+namespace detail {
+
+// A 64-bit digest of raw bytes for checkpoints and for processes that must hold the same data; not
+// cryptographic. Each 8-byte word goes through h <- rotl(h ^ w, 29) * odd, a bijection in h and in
+// w, so changing any single byte always changes the result.
+class Digest {
+ public:
+  template <class T>
+    requires std::is_trivially_copyable_v<T>
+  Digest& add(std::span<const T> items) {
+    add_word(items.size());
+    const auto* bytes = reinterpret_cast<const unsigned char*>(items.data());
+    std::size_t left = items.size_bytes();
+    for (; left >= 8; left -= 8, bytes += 8) {
+      std::uint64_t word;
+      std::memcpy(&word, bytes, 8);
+      add_word(word);
+    }
+    std::uint64_t tail = 0;
+    if (left > 0) std::memcpy(&tail, bytes, left);
+    add_word(tail);
+    return *this;
+  }
+  template <class T>
+    requires std::is_arithmetic_v<T> || std::is_enum_v<T>
+  Digest& add(const T& value) {
+    return add(std::span<const T>(&value, 1));
+  }
+  template <class S>
+  Digest& add(const Vector<S>& v) {
+    return add(std::span<const S>(v.data(), static_cast<std::size_t>(v.size())));
+  }
+  std::uint64_t value() const {  // the splitmix64 finalizer, for well-spread bits
+    std::uint64_t z = state_;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+  }
+
+ private:
+  void add_word(std::uint64_t word) { state_ = std::rotl(state_ ^ word, 29) * 0x9E3779B97F4A7C15ull; }
+  std::uint64_t state_ = 0x243F6A8885A308D3ull;
+};
+
+template <class S>
+std::uint64_t digest_of(const EF21Checkpoint<S>& state) {
+  Digest digest;
+  digest.add(state.round).add(state.x).add(state.g).add(state.v).add(state.first_client);
+  digest.add(state.client_g.size());
+  for (const auto& g : state.client_g) digest.add(g);
+  digest.add(std::span<const std::uint64_t>(state.client_rng));
+  return digest.value();
+}
+
+}  // namespace detail
+
+// A quantity every process must hold the same, for the transport's agreement: what it is (for the
+// error message) and its value (a number, or a digest of the data).
+struct Fact {
+  enum Kind { Integer, Real, Hash };
+  std::string_view argument;  // e.g. "options.gamma"
+  std::string_view what;      // e.g. "value"
+  std::uint64_t value = 0;    // the integer, the bits of the double, or the digest
+  Kind kind = Integer;
+
+  static Fact real(std::string_view argument, double value) {
+    return {argument, "value", std::bit_cast<std::uint64_t>(value), Real};
+  }
+  std::string text() const {
+    switch (kind) {
+      case Integer: return gradus::detail::to_text(value);
+      case Real: return gradus::detail::to_text(std::bit_cast<double>(value));
+      case Hash: break;
+    }
+    return "digest " + gradus::detail::to_text(value);
+  }
+};
+
+namespace detail {
+
+// Throws unless every process (row r of `facts`, one row per process) holds rank 0's facts; names
+// the first fact that differs and the lowest process that differs in it.
+inline void require_same_facts(std::string_view function, std::span<const Fact> mine,
+                               std::span<const std::uint64_t> all, std::size_t processes) {
+  for (std::size_t f = 0; f < mine.size(); ++f) {
+    for (std::size_t r = 1; r < processes; ++r) {
+      if (all[r * mine.size() + f] == all[f]) continue;
+      Fact first = mine[f], other = mine[f];
+      first.value = all[f];
+      other.value = all[r * mine.size() + f];
+      gradus::detail::throw_invalid_argument(
+          function, mine[f].argument,
+          "the same " + std::string(mine[f].what) + " on every rank (" + first.text() + " on rank 0)",
+          other.text() + " on rank " + gradus::detail::to_text(r));
+    }
+  }
+}
+
+}  // namespace detail
 
 // Every client's contribution to a round, in client order, as views; plus buffers a transport may
 // receive into (so that they are reused from round to round).
@@ -85,23 +198,27 @@ struct Exchange {
   std::vector<std::span<const S>> gradients;  // full client gradients, when monitoring
   std::vector<std::int32_t> sent_ints, received_ints;
   std::vector<S> sent_values, received_values;
+  std::vector<long long> headers, wide_counts;
   std::vector<int> counts, offsets;
 };
 
 // All clients in this process: nothing travels.
+// A transport provides
+//   agree(function, error, facts, local_clients) -> (first global client of this process, total clients):
+//       collective; throws on every process if any has an error or holds different facts;
+//   exchange(clients, dim, with_gradients, error, out): collective; every client's message (and full
+//       gradient, when monitoring) in client order, or a throw on every process if any has an error.
 struct InProcess {
-  // (first global client index of this process, total number of clients)
-  std::pair<Index, Index> layout(Index local_clients) const { return {0, local_clients}; }
-
-  // Every participant learns whether any failed; the failing one rethrows its own error.
-  void agree(std::exception_ptr error) const {
+  std::pair<Index, Index> agree(std::string_view /*function*/, std::exception_ptr error,
+                                std::span<const Fact> /*facts*/, Index local_clients) const {
     if (error) std::rethrow_exception(error);
+    return {0, local_clients};
   }
 
   template <class Clients, class S>
   void exchange(const Clients& clients, Index /*dim*/, bool with_gradients, std::exception_ptr error,
                 Exchange<S>& out) const {
-    agree(error);
+    if (error) std::rethrow_exception(error);
     out.messages.clear();
     out.gradients.clear();
     for (const auto& client : clients) {
@@ -121,14 +238,16 @@ class EF21 {
   EF21(std::vector<F> clients, C compressor, const Vector<S>& x0, EF21Options options, Transport transport = {})
       : compressor_(std::move(compressor)), options_(std::move(options)), transport_(std::move(transport)), x_(x0) {
     std::exception_ptr error;
+    std::uint64_t compressor_digest = 0;
     try {
       validate(clients);
+      compressor_digest = probe_compressor();
     } catch (...) {
       error = std::current_exception();
     }
-    transport_.agree(error);
-    std::tie(first_, n_) = transport_.layout(static_cast<Index>(clients.size()));
-    set_weights();
+    std::tie(first_, n_) = transport_.agree("EF21::EF21", error, agreed_facts(compressor_digest),
+                                            static_cast<Index>(clients.size()));
+    set_weights();  // from agreed quantities only: it throws on every process or on none
     const Index d = x_.size();
     clients_.reserve(clients.size());
     for (std::size_t i = 0; i < clients.size(); ++i) {
@@ -168,20 +287,29 @@ class EF21 {
       state.client_g.push_back(client.g);
       state.client_rng.push_back(client.rng.state());
     }
+    state.digest = detail::digest_of(state);
     return state;
   }
 
-  // Continue from a checkpoint taken by an EF21 with the same clients, compressor and options.
+  // Continue from a checkpoint taken by an EF21 with the same clients, compressor and options (over
+  // MPI: every rank its own checkpoint of the same round). Collective; a checkpoint of other sizes,
+  // another process's, or damaged (its digest does not match) throws on every process, and this
+  // object is left as it was.
   void restore(const EF21Checkpoint<S>& state) {
+    constexpr auto function = "EF21::restore";
     std::exception_ptr error;
+    const std::array<Fact, 2> facts = {
+        Fact{"state.round", "round", static_cast<std::uint64_t>(state.round), Fact::Integer},
+        Fact{"state", "x, g and v", detail::Digest{}.add(state.x).add(state.g).add(state.v).value(), Fact::Hash}};
     try {
-      constexpr auto function = "EF21::restore";
       const Index d = x_.size();
       gradus::detail::require_size(function, "state.x", state.x.size(), d, "entries (the dimension)");
       gradus::detail::require_size(function, "state.g", state.g.size(), d, "entries (the dimension)");
       gradus::detail::require_size(function, "state.v", state.v.size(), d, "entries (the dimension)");
+      gradus::detail::require_nonnegative(function, "state.round", state.round);
       gradus::detail::require(state.first_client == first_, function, "state.first_client",
-                              gradus::detail::to_text(first_), state.first_client);
+                              gradus::detail::to_text(first_) + " (the first client of this process)",
+                              state.first_client);
       gradus::detail::require_size(function, "state.client_g", static_cast<Index>(state.client_g.size()),
                                    num_local_clients(), "vectors (one per local client)");
       gradus::detail::require_size(function, "state.client_rng", static_cast<Index>(state.client_rng.size()),
@@ -189,10 +317,13 @@ class EF21 {
       for (const auto& g : state.client_g) {
         gradus::detail::require_size(function, "state.client_g", g.size(), d, "entries (the dimension)");
       }
+      gradus::detail::require(state.digest == detail::digest_of(state), function, "state.digest",
+                              "the digest of the checkpoint's contents (it was changed after EF21::checkpoint)",
+                              state.digest);
     } catch (...) {
       error = std::current_exception();
     }
-    transport_.agree(error);
+    transport_.agree(function, error, facts, num_local_clients());
     round_ = state.round;
     x_ = state.x;
     g_ = state.g;
@@ -216,13 +347,22 @@ class EF21 {
 
   void validate(const std::vector<F>& clients) const {
     constexpr auto function = "EF21::EF21";
+    using gradus::detail::require;
     const Index d = x_.size();
     gradus::detail::require_nonempty(function, "x0", d, "entries");
+    // gamma and momentum act as S: gamma must stay a normal number there, momentum below 1.
     gradus::detail::require_positive(function, "options.gamma", options_.gamma);
     gradus::detail::require_finite(function, "options.gamma", options_.gamma);
-    gradus::detail::require(options_.participation > 0 && options_.participation <= 1, function,
-                            "options.participation", "a probability in (0, 1]", options_.participation);
-    gradus::detail::require_in_range(function, "options.momentum", options_.momentum, 0.0, 1.0);
+    constexpr S low = std::numeric_limits<S>::min(), high = std::numeric_limits<S>::max();
+    require(options_.gamma >= low && options_.gamma <= high, function, "options.gamma",
+            "a normal number of the scalar type, in [" + gradus::detail::to_text(low) + ", " +
+                gradus::detail::to_text(high) + "]",
+            options_.gamma);
+    gradus::detail::require_enumerator(function, "options.init", options_.init, 3);
+    require(options_.participation > 0 && options_.participation <= 1, function, "options.participation",
+            "a probability in (0, 1]", options_.participation);
+    require(options_.momentum >= 0 && static_cast<S>(options_.momentum) < S(1), function, "options.momentum",
+            "a value in [0, 1) that stays below 1 in the scalar type", options_.momentum);
     gradus::detail::require_nonnegative(function, "options.batch_size", options_.batch_size);
     gradus::detail::require_positive(function, "options.threads", options_.threads);
     for (double weight : options_.weights) {
@@ -234,19 +374,45 @@ class EF21 {
       gradus::detail::require_size(function, "clients", client.dim(), d, "dimensions (size of x0) for every client");
       if (options_.batch_size > 0) {
         if constexpr (MinibatchObjective<F>) {
-          gradus::detail::require(options_.batch_size <= client.num_samples(), function, "options.batch_size",
-                                  "at most the samples of every client (" +
-                                      gradus::detail::to_text(client.num_samples()) + ")",
-                                  options_.batch_size);
+          require(options_.batch_size <= client.num_samples(), function, "options.batch_size",
+                  "at most the samples of every client (" + gradus::detail::to_text(client.num_samples()) + ")",
+                  options_.batch_size);
         } else {
-          gradus::detail::require(false, function, "options.batch_size", "0 (the clients are not minibatch objectives)",
-                                  options_.batch_size);
+          require(false, function, "options.batch_size", "0 (the clients are not minibatch objectives)",
+                  options_.batch_size);
         }
       }
     }
   }
 
-  // w_i and the client scales 1/(n w_i); the same on every process.
+  // What every process must agree on (threads may differ: they change no result).
+  std::array<Fact, 12> agreed_facts(std::uint64_t compressor_digest) const {
+    const auto& o = options_;
+    return {Fact{"x0", "scalar size in bytes", sizeof(S), Fact::Integer},
+            Fact{"x0", "size", static_cast<std::uint64_t>(x_.size()), Fact::Integer},
+            Fact{"x0", "values", detail::Digest{}.add(x_).value(), Fact::Hash},
+            Fact{"compressor", "message for a probe vector", compressor_digest, Fact::Hash},
+            Fact::real("options.gamma", o.gamma),
+            Fact{"options.init", "value", static_cast<std::uint64_t>(o.init), Fact::Integer},
+            Fact{"options.weights", "values", detail::Digest{}.add(std::span<const double>(o.weights)).value(), Fact::Hash},
+            Fact::real("options.participation", o.participation),
+            Fact::real("options.momentum", o.momentum),
+            Fact{"options.batch_size", "value", static_cast<std::uint64_t>(o.batch_size), Fact::Integer},
+            Fact{"options.seed", "value", o.seed, Fact::Integer},
+            Fact{"options.monitor", "value", o.monitor, Fact::Integer}};
+  }
+
+  // The compressor's message for a fixed vector and stream: equal on processes with equal compressors.
+  std::uint64_t probe_compressor() const {
+    SparseMessage<S> probe;
+    Rng rng;
+    compressor_.compress(Vector<S>::LinSpaced(x_.size(), S(1), static_cast<S>(x_.size())), probe, rng);
+    return detail::Digest{}.add(probe.dim).add(std::span<const std::int32_t>(probe.indices))
+        .add(std::span<const S>(probe.values)).value();
+  }
+
+  // w_i and the client scales 1/(n w_i); the same on every process. Both enter the arithmetic in S,
+  // so every w_i must stay a normal number and every 1/(n w_i) finite there.
   void set_weights() {
     constexpr auto function = "EF21::EF21";
     gradus::detail::require(n_ >= 1, function, "clients", "at least one client over all processes", n_);
@@ -259,8 +425,12 @@ class EF21 {
     double sum = 0;
     for (double weight : options_.weights) sum += weight;
     for (std::size_t i = 0; i < n; ++i) {
-      weights_[i] = static_cast<S>(options_.weights[i] / sum);
-      scales_[i] = static_cast<S>(sum / (static_cast<double>(n_) * options_.weights[i]));
+      const double weight = options_.weights[i] / sum, scale = sum / (static_cast<double>(n_) * options_.weights[i]);
+      gradus::detail::require(weight >= std::numeric_limits<S>::min() && scale <= std::numeric_limits<S>::max(),
+                              function, "options.weights",
+                              "weights whose shares w_i / sum are normal numbers in the scalar type", weight);
+      weights_[i] = static_cast<S>(weight);
+      scales_[i] = static_cast<S>(scale);
     }
   }
 
@@ -342,7 +512,25 @@ class EF21 {
     return aggregate();
   }
 
+  // Checks every message (and gradient) against d before the first is added.
   RoundInfo aggregate() {
+    constexpr auto function = "EF21";
+    const Index d = x_.size();
+    gradus::detail::require_size(function, "messages", static_cast<Index>(exchange_.messages.size()), n_,
+                                 "messages in a round (one per client)");
+    for (std::size_t i = 0; i < exchange_.messages.size(); ++i) {
+      if (!exchange_.messages[i].valid(d)) {
+        exchange_.messages[i].require_valid(function, "message of client " + gradus::detail::to_text(i), d);
+      }
+    }
+    if (options_.monitor) {
+      gradus::detail::require_size(function, "gradients", static_cast<Index>(exchange_.gradients.size()), n_,
+                                   "gradients in a round (one per client)");
+      for (const auto& gradient : exchange_.gradients) {
+        gradus::detail::require_size(function, "gradients", static_cast<Index>(gradient.size()), d,
+                                     "entries (the dimension)");
+      }
+    }
     RoundInfo info;
     info.round = round_;
     for (std::size_t i = 0; i < exchange_.messages.size(); ++i) {
@@ -353,10 +541,8 @@ class EF21 {
       info.index_bits += message.index_bits();
     }
     if (options_.monitor) {
-      mean_gradient_.setZero(x_.size());
-      for (const auto& gradient : exchange_.gradients) {
-        mean_gradient_ += Eigen::Map<const Vector<S>>(gradient.data(), x_.size());
-      }
+      mean_gradient_.setZero(d);
+      for (const auto& gradient : exchange_.gradients) mean_gradient_ += Eigen::Map<const Vector<S>>(gradient.data(), d);
       mean_gradient_ /= static_cast<S>(n_);
       info.grad_norm_sq = static_cast<double>(mean_gradient_.squaredNorm());
     }

@@ -10,8 +10,18 @@
 //     L_QM = sqrt((1/n) sum L_i^2)  (original EF21 analysis), StepRule::QuadraticMean
 //     L_AM = (1/n) sum L_i          (EF21-W, and EF21 under the improved analysis), StepRule::ArithmeticMean
 // L_AM <= L_QM, so the AM step is never smaller; they differ when the L_i are heterogeneous.
+//
+// 1 - sqrt(1 - alpha) cancels for small alpha (it is 0 in double below alpha = 1e-16), so with
+// r = sqrt(1 - alpha) everything is computed from the equal forms
+//     theta = alpha / (1 + r),  beta = (1 - alpha)(1 + r) / alpha,  xi = r (1 + r) / alpha,
+//     gamma = alpha / (alpha L + Ltilde r (1 + r)),
+// accurate to a few ulps for every accepted alpha. theta, beta and xi accept alpha in
+// [2 m, 1], m the smallest normal number of their type: below, theta (about alpha / 2) would be
+// subnormal and lose digits, and beta, xi (about 2 / alpha) would overflow.
 
 #include <cmath>
+#include <concepts>
+#include <limits>
 #include <span>
 #include <string_view>
 
@@ -23,8 +33,13 @@ enum class StepRule { QuadraticMean, ArithmeticMean };
 
 namespace detail {
 
-inline void require_alpha(std::string_view function, double alpha) {
-  gradus::detail::require(alpha > 0 && alpha <= 1, function, "alpha", "a value in (0, 1]", alpha);
+template <std::floating_point T>
+void require_alpha(std::string_view function, T alpha) {
+  constexpr T low = 2 * std::numeric_limits<T>::min();
+  if (!(alpha >= low && alpha <= 1)) {
+    gradus::detail::throw_invalid_argument(function, "alpha", "a value in [" + gradus::detail::to_text(low) + ", 1]",
+                                           gradus::detail::to_text(alpha));
+  }
 }
 
 inline void require_smoothness(std::string_view function, std::span<const double> L) {
@@ -35,23 +50,32 @@ inline void require_smoothness(std::string_view function, std::span<const double
   }
 }
 
+// r (1 + r) = alpha xi with r = sqrt(1 - alpha): the factor beta, xi and gamma share.
+template <std::floating_point T>
+T root_factor(T alpha) {
+  const T root = std::sqrt(1 - alpha);
+  return root * (1 + root);
+}
+
 }  // namespace detail
 
-inline double theta(double alpha) {
+template <std::floating_point T>
+T theta(T alpha) {
   detail::require_alpha("ef21::theta", alpha);
-  return 1 - std::sqrt(1 - alpha);
+  return alpha / (1 + std::sqrt(1 - alpha));
 }
 
-inline double beta(double alpha) {
+template <std::floating_point T>
+T beta(T alpha) {
   detail::require_alpha("ef21::beta", alpha);
-  return alpha == 1 ? 0.0 : (1 - alpha) / (1 - std::sqrt(1 - alpha));
+  return (1 - alpha) * (1 + std::sqrt(1 - alpha)) / alpha;
 }
 
-// sqrt(beta / theta), in the form that stays accurate for small alpha.
-inline double xi(double alpha) {
+// sqrt(beta / theta).
+template <std::floating_point T>
+T xi(T alpha) {
   detail::require_alpha("ef21::xi", alpha);
-  const double root = std::sqrt(1 - alpha);
-  return root / (1 - root);
+  return detail::root_factor(alpha) / alpha;
 }
 
 // L_AM = (1/n) sum L_i.
@@ -70,12 +94,25 @@ inline double quadratic_mean(std::span<const double> L) {
   return std::sqrt(sum / static_cast<double>(L.size()));
 }
 
-// gamma = 1 / (L + Ltilde xi(alpha)), Ltilde = L_QM or L_AM of the clients' constants L_i.
+// gamma = 1 / (L + Ltilde xi(alpha)), Ltilde = L_QM or L_AM of the clients' constants L_i. Throws
+// when gamma is not a normal positive double (L or Ltilde near the overflow threshold, or a gamma
+// that would underflow), since no run could use it.
 inline double step_size(double L, std::span<const double> L_i, double alpha, StepRule rule) {
-  gradus::detail::require_positive("ef21::step_size", "L", L);
-  gradus::detail::require_finite("ef21::step_size", "L", L);
+  constexpr auto function = "ef21::step_size";
+  gradus::detail::require_positive(function, "L", L);
+  gradus::detail::require_finite(function, "L", L);
+  gradus::detail::require_enumerator(function, "rule", rule, 2);
+  detail::require_alpha(function, alpha);
   const double mean = rule == StepRule::QuadraticMean ? quadratic_mean(L_i) : arithmetic_mean(L_i);
-  return 1 / (L + mean * xi(alpha));
+  const double gamma = alpha / (alpha * L + mean * detail::root_factor(alpha));
+  if (!(gamma >= std::numeric_limits<double>::min() && gamma <= std::numeric_limits<double>::max())) {
+    gradus::detail::throw_invalid_argument(function, "L, L_i",
+                                           "constants for which gamma = 1 / (L + Ltilde xi) is a normal positive double "
+                                           "(L = " + gradus::detail::to_text(L) + ", Ltilde = " +
+                                               gradus::detail::to_text(mean) + ")",
+                                           "gamma = " + gradus::detail::to_text(gamma));
+  }
+  return gamma;
 }
 
 }  // namespace gradus::ef21
