@@ -3,6 +3,7 @@
 #include <cmath>
 #include <limits>
 #include <random>
+#include <string>
 #include <vector>
 
 #include <gradus/core/concepts.hpp>
@@ -452,4 +453,191 @@ TEST_CASE("bad input throws gradus::invalid_argument naming the argument", "[mul
   CHECK_THROWS_WITH(MultiSimilarityMiner().masks(Sim, y.head(2), yr), Contains("'row_labels'"));
   CHECK_THROWS_WITH(cosine_similarity(zero), Contains("zero row at index 3"));
   CHECK_THROWS_AS(cosine_similarity(X, random_matrix(2, 4, 1)), gradus::invalid_argument);
+}
+
+namespace {
+
+PairMasks masks_of(Index rows, Index cols, bool value) {
+  PairMasks masks;
+  masks.positive.setConstant(rows, cols, value);
+  masks.negative.setConstant(rows, cols, value);
+  return masks;
+}
+
+}  // namespace
+
+TEST_CASE("empty similarity matrices and batches are rejected by every entry point", "[multi_similarity]") {
+  using Catch::Matchers::Contains;
+  const MultiSimilarityLoss<double> loss;
+  const MultiSimilarityMiner miner;
+  // N x 0 used to reach Eigen's empty-matrix assertion through maxCoeff (an abort, or UB without
+  // assertions), in value_on_pairs and in the miner alike.
+  for (const auto& [n, m] : {std::pair<Index, Index>{4, 0}, {0, 4}, {0, 0}}) {
+    INFO(n << " x " << m);
+    const RowMatrix<double> Sim(n, m);
+    RowMatrix<double> dS(n, m);
+    const auto masks = masks_of(n, m, false);
+    const std::string what = n == 0 ? "expected at least one of its rows" : "expected at least one of its columns";
+    CHECK_THROWS_WITH(loss.value_on_pairs(Sim, masks), Contains("'similarity'") && Contains(what));
+    CHECK_THROWS_WITH(loss.value_and_grad_on_pairs(Sim, masks, dS), Contains("'similarity'") && Contains(what));
+    CHECK_THROWS_WITH(miner.masks(Sim, Labels::Zero(n), Labels::Zero(m)), Contains("'similarity'") && Contains(what));
+    CHECK_THROWS_WITH(miner.pairs(Sim, Labels::Zero(n), Labels::Zero(m)), Contains("'similarity'") && Contains(what));
+    if (n == m) CHECK_THROWS_WITH(miner.masks(Sim, Labels::Zero(n)), Contains("'similarity'") && Contains(what));
+  }
+  // Zero-dimensional embeddings, empty batches and reference sets, mismatched labels.
+  const auto X = random_matrix(5, 3, 1), R = random_matrix(7, 3, 2);
+  const Labels y = random_labels(5, 2, 3), yr = random_labels(7, 2, 4);
+  RowMatrix<double> dX(5, 3), dR(7, 3);
+  CHECK_THROWS_WITH(loss.value(RowMatrix<double>(5, 0), y), Contains("'embeddings'") && Contains("columns"));
+  CHECK_THROWS_WITH(loss.value(RowMatrix<double>(5, 0), y, RowMatrix<double>(7, 0), yr),
+                    Contains("'queries'") && Contains("columns"));
+  CHECK_THROWS_WITH(loss.value(RowMatrix<double>(0, 3), Labels(0), R, yr), Contains("'queries'"));
+  CHECK_THROWS_WITH(loss.value_and_grad(X, y, RowMatrix<double>(0, 3), Labels(0), dX), Contains("'references'"));
+  CHECK_THROWS_WITH(loss.value_and_grad(X, y.head(4), dX), Contains("'labels'"));
+  CHECK_THROWS_WITH(loss.value_and_grad(X, y, R, yr.head(3), dX, dR), Contains("'reference_labels'"));
+}
+
+TEMPLATE_TEST_CASE("queries without positives or negatives, and one-class batches", "[multi_similarity]", float,
+                   double) {
+  using S = TestType;
+  const auto Q = random_matrix(6, 4, 11), R = random_matrix(9, 4, 12);
+  Labels yq(6), yr(9);
+  yq << 0, 1, 7, 0, 8, 1;  // labels 7 and 8 are not in the references: those queries have no positive
+  yr << 0, 1, 2, 0, 1, 2, 0, 1, 2;
+  for (const auto& o : option_sets) {
+    RowMatrix<S> dQ(6, 4), dR(9, 4);
+    const double expected = oracle(Q, yq, R, yr, false, o);
+    CHECK(double(MultiSimilarityLoss<S>(o).value_and_grad(as<S>(Q), yq, as<S>(R), yr, dQ, dR)) ==
+          Approx(expected).epsilon(tolerance<S>()).margin(tolerance<S>()));
+    CHECK(dQ.allFinite());
+    CHECK(dR.allFinite());
+    // Every query of a class absent from the references: no positive pair at all, 0 by rule.
+    CHECK(MultiSimilarityLoss<S>(o).value_and_grad(as<S>(Q), Labels::Constant(6, 9), as<S>(R), yr, dQ, dR) == 0);
+    CHECK(dQ.isZero(0));
+    CHECK(dR.isZero(0));
+    // One class throughout: no negative pair.
+    CHECK(MultiSimilarityLoss<S>(o).value(as<S>(Q), Labels::Zero(6), as<S>(R), Labels::Zero(9)) == 0);
+  }
+}
+
+TEMPLATE_TEST_CASE("row norms: tiny, huge and boundary rows are exact, denormal and zero rows are errors",
+                   "[multi_similarity]", float, double) {
+  using S = TestType;
+  using Catch::Matchers::Contains;
+  using limits = std::numeric_limits<S>;
+  const S low = limits::min(), high = 1 / limits::min();
+  const Index n = 8, d = 4;
+  RowMatrix<S> X = as<S>(random_matrix(n, d, 31));
+  const Labels y = random_labels(n, 3, 32);
+  X.row(2) << 1, 0, 0, 0;  // a direction every scale below keeps exactly
+  const MultiSimilarityLoss<S> loss;
+  RowMatrix<S> unit_grad(n, d);
+  const S unit = loss.value_and_grad(X, y, unit_grad);
+  for (const S scale : {S(1e-30), S(1e30), low, high}) {
+    INFO("row 2 scaled by " << double(scale));
+    RowMatrix<S> scaled = X, grad(n, d), reference_grad(n, d);
+    scaled.row(2) *= scale;
+    const S value = loss.value_and_grad(scaled, y, grad);
+    CHECK(value == Approx(unit).epsilon(1e-6));
+    CHECK(grad.allFinite());
+    // A scale-invariant loss: the gradient of the scaled row scales by 1/scale, the others not at all.
+    const double tol = 1e-4 * (1 + unit_grad.cwiseAbs().maxCoeff());
+    CHECK((grad.row(2).template cast<double>() * double(scale) - unit_grad.row(2).template cast<double>())
+              .cwiseAbs()
+              .maxCoeff() <= tol);
+    grad.row(2).setZero();
+    reference_grad = unit_grad;
+    reference_grad.row(2).setZero();
+    CHECK((grad - reference_grad).cwiseAbs().maxCoeff() <= S(tol));
+    // Queries against references, both with the scaled row.
+    RowMatrix<S> dQ(n, d), dR(n, d);
+    CHECK(loss.value_and_grad(scaled, y, scaled, y, dQ, dR) ==
+          Approx(loss.value(X, y, X, y)).epsilon(1e-6));
+    CHECK(dQ.allFinite());
+    CHECK(dR.allFinite());
+  }
+  // Just outside [low, high], denormal rows, zero rows, and finite rows whose norm overflows. Float
+  // norms below 2.9e-39 used to give a value of 0 and a NaN gradient (1/norm overflowed).
+  const S below = std::nextafter(low, S(0)), above = std::nextafter(high, limits::infinity());
+  for (const S scale : {below, limits::denorm_min(), S(0), above, limits::max()}) {
+    INFO("row 2 scaled by " << double(scale));
+    RowMatrix<S> scaled = X;
+    scaled.row(2) *= scale;
+    if (scale == limits::max()) scaled(2, 1) = limits::max();
+    CHECK_THROWS_WITH(loss.value(scaled, y),
+                      Contains("'embeddings'") && Contains("rows with norms in") && Contains("at index 2"));
+    CHECK_THROWS_WITH(loss.value(X, y, scaled, y), Contains("'references'") && Contains("at index 2"));
+    CHECK_THROWS_WITH(cosine_similarity(scaled), Contains("at index 2"));
+  }
+  RowMatrix<S> zero = X;
+  zero.row(2).setZero();
+  CHECK_THROWS_WITH(loss.value(zero, y), Contains("a zero row at index 2"));
+  // A row of denormal entries.
+  RowMatrix<S> denormal = X;
+  denormal.row(2).setConstant(limits::denorm_min() * 4);
+  CHECK_THROWS_WITH(loss.value(denormal, y), Contains("a row of norm"));
+}
+
+TEMPLATE_TEST_CASE("options at the edges of their domains", "[multi_similarity]", float, double) {
+  using S = TestType;
+  using Catch::Matchers::Contains;
+  const auto X = random_matrix(12, 5, 41);
+  const auto y = random_labels(12, 3, 42);
+  const double largest = 1e15, smallest = 1e-15;
+  auto finite_and_exact = [&](const MultiSimilarityOptions& o) {
+    RowMatrix<S> dX(12, 5);
+    const S value = MultiSimilarityLoss<S>(o).value_and_grad(as<S>(X), y, dX);
+    CHECK(std::isfinite(value));
+    CHECK(dX.allFinite());
+    const double expected = oracle(as<S>(X).template cast<double>(), y, o);
+    CHECK(double(value) == Approx(expected).epsilon(std::is_same_v<S, float> ? 1e-5 : 1e-10));
+  };
+  for (const double scale : {smallest, largest}) {
+    INFO("scale " << scale);
+    finite_and_exact({.alpha = scale});
+    finite_and_exact({.beta = scale});
+    finite_and_exact({.alpha = scale, .beta = scale, .base = scale == largest ? -largest : 0, .mine = false});
+  }
+  finite_and_exact({.base = largest});
+  finite_and_exact({.base = -largest});
+  finite_and_exact({.epsilon = 1e300});  // any margin: every pair is kept
+  finite_and_exact({.epsilon = 0});
+  for (const double scale : {std::nextafter(smallest, 0.0), std::nextafter(largest, INFINITY), 0.0, -1.0,
+                             double(INFINITY), double(NAN)}) {
+    INFO("scale " << scale);
+    CHECK_THROWS_WITH(MultiSimilarityLoss<S>({.alpha = scale}), Contains("'options.alpha'"));
+    CHECK_THROWS_WITH(MultiSimilarityLoss<S>({.beta = scale}), Contains("'options.beta'"));
+  }
+  for (const double base : {std::nextafter(largest, INFINITY), -std::nextafter(largest, INFINITY), double(NAN)})
+    CHECK_THROWS_WITH(MultiSimilarityLoss<S>({.base = base}), Contains("'options.base'"));
+  for (const double epsilon : {-1e-300, double(INFINITY), double(NAN)}) {
+    CHECK_THROWS_WITH(MultiSimilarityLoss<S>({.epsilon = epsilon}), Contains("'options.epsilon'"));
+    CHECK_THROWS_WITH(MultiSimilarityMiner({.epsilon = epsilon}), Contains("'options.epsilon'"));
+  }
+  // Out-of-range enumerators.
+  CHECK_THROWS_WITH(MultiSimilarityLoss<S>({.semantics = MultiSimilaritySemantics(2)}),
+                    Contains("'options.semantics'") && Contains("got 2"));
+  CHECK_THROWS_WITH(MultiSimilarityLoss<S>({.semantics = MultiSimilaritySemantics(-1)}), Contains("'options.semantics'"));
+  CHECK_THROWS_WITH(MultiSimilarityMiner({.semantics = MultiSimilaritySemantics(7)}), Contains("'options.semantics'"));
+  CHECK_THROWS_WITH(MultiSimilarityLoss<S>({.tile = -1}), Contains("'options.tile'"));
+}
+
+TEMPLATE_TEST_CASE("value_on_pairs: similarities up to 1e15 in magnitude, non-finite ones propagate",
+                   "[multi_similarity]", float, double) {
+  using S = TestType;
+  using Catch::Matchers::Contains;
+  const Index n = 5, m = 6;
+  RowMatrix<S> Sim = as<S>(random_matrix(n, m, 51).array().tanh().matrix());
+  const auto masks = masks_of(n, m, true);
+  const MultiSimilarityLoss<S> loss({.alpha = 1e15, .beta = 1e15, .base = -1e15});
+  RowMatrix<S> dS(n, m);
+  for (const S edge : {S(1e15), S(-1e15)}) {
+    Sim(1, 2) = edge;
+    CHECK(std::isfinite(loss.value_and_grad_on_pairs(Sim, masks, dS)));
+    CHECK(dS.allFinite());
+  }
+  Sim(1, 2) = std::nextafter(S(1e15), std::numeric_limits<S>::infinity());
+  CHECK_THROWS_WITH(loss.value_on_pairs(Sim, masks), Contains("'similarity'") && Contains("at (1, 2)"));
+  Sim(1, 2) = std::numeric_limits<S>::quiet_NaN();
+  CHECK(std::isnan(loss.value_on_pairs(Sim, masks)));
 }

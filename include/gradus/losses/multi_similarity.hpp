@@ -31,8 +31,12 @@
 // reproduces the official code: an anchor is skipped unless both mined sets are non-empty, and
 // positives with S >= 1 - 1e-5 are dropped (self pairs and exact duplicates).
 // A batch without any positive pair or without any negative pair (by labels) gives 0 and a
-// zero gradient. A zero-norm row is an error; a non-finite embedding makes the value and the
-// whole gradient NaN. The loss object keeps scratch buffers: use one object per thread.
+// zero gradient; a query without positives (or negatives) adds only its other part. Empty
+// batches, reference sets and similarity matrices are errors, as are rows whose norm is 0 or
+// outside [m, 1/m], m the smallest normal number (see inverse_row_norms); a non-finite
+// embedding makes the value and the whole gradient NaN. Domains: alpha and beta in
+// [1e-15, 1e15], base in [-1e15, 1e15], epsilon >= 0 and finite, tile > 0.
+// The loss object keeps scratch buffers: use one object per thread.
 
 #include <algorithm>
 #include <cmath>
@@ -80,20 +84,27 @@ struct PairIndices {
 
 namespace detail {
 
-// 1 / ||x_i|| for every row into `inverse`; throws on a zero row. Returns false when a row is
-// not finite (the caller then propagates NaN). Falls back to stableNorm only where the plain
-// norm over- or underflows, so finite rows of any magnitude work.
+// 1 / ||x_i|| for every row into `inverse`. Returns false when a row is not finite (the caller
+// then propagates NaN). The plain norm where its square is a normal number, else stableNorm,
+// which scales first. Norms must lie in [m, 1/m], m the smallest normal S (float: 1.2e-38 to
+// 8.5e37): then 1/||x|| is normal too, the normalized rows are exact to rounding, and the
+// gradient, at most 1.5 / ||x||, stays finite. A zero row has no direction; a smaller one has
+// only denormal entries, with few significant bits.
 template <class S>
 bool inverse_row_norms(const Eigen::Ref<const RowMatrix<S>>& X, const char* function, const char* argument,
                        Vector<S>& inverse) {
+  constexpr S low = std::numeric_limits<S>::min(), high = 1 / low;
   inverse.resize(X.rows());
   bool finite = true;
   for (Index i = 0; i < X.rows(); ++i) {
-    S norm = X.row(i).norm();
-    if (!(norm > std::numeric_limits<S>::min() && norm <= std::numeric_limits<S>::max())) norm = X.row(i).stableNorm();
-    if (norm == S(0)) {
-      throw_invalid_argument(function, argument, "rows with nonzero norm (they are L2-normalized)",
-                             "a zero row at index " + to_text(static_cast<long long>(i)));
+    const S squared = X.row(i).squaredNorm();
+    const S norm = squared >= low && squared <= std::numeric_limits<S>::max() ? std::sqrt(squared)
+                                                                              : X.row(i).stableNorm();
+    if (!(norm >= low && norm <= high) && (std::isfinite(norm) || X.row(i).allFinite())) {
+      const std::string row = " at index " + to_text(static_cast<long long>(i));
+      throw_invalid_argument(function, argument,
+                             "rows with norms in [" + to_text(low) + ", " + to_text(high) + "] (they are L2-normalized)",
+                             norm == S(0) ? "a zero row" + row : "a row of norm " + to_text(norm) + row);
     }
     finite = finite && std::isfinite(norm);
     inverse(i) = S(1) / norm;
@@ -247,15 +258,47 @@ S drop_positives_at(MultiSimilaritySemantics semantics) {
   return semantics == MultiSimilaritySemantics::Official ? S(1) - S(1e-5) : std::numeric_limits<S>::infinity();
 }
 
+// The options' domains. alpha, beta, |base| <= 1e15 and similarities of magnitude <= 1e15 keep
+// every exponent (at most 2e30) and the loss far inside float's range; epsilon is any margin.
+inline constexpr double kMaxScale = 1e15;
+
+inline void check_semantics(const char* function, MultiSimilaritySemantics semantics) {
+  require_enumerator(function, "options.semantics", semantics, 2);
+}
+
+inline void check_epsilon(const char* function, double epsilon) {
+  require_nonnegative(function, "options.epsilon", epsilon);
+  require_finite(function, "options.epsilon", epsilon);
+}
+
 inline void check_options(const char* function, const MultiSimilarityOptions& o) {
-  require_positive(function, "options.alpha", o.alpha);
-  require_finite(function, "options.alpha", o.alpha);
-  require_positive(function, "options.beta", o.beta);
-  require_finite(function, "options.beta", o.beta);
-  require_finite(function, "options.base", o.base);
-  require_nonnegative(function, "options.epsilon", o.epsilon);
-  require_finite(function, "options.epsilon", o.epsilon);
+  require_in_range(function, "options.alpha", o.alpha, 1 / kMaxScale, kMaxScale, true);
+  require_in_range(function, "options.beta", o.beta, 1 / kMaxScale, kMaxScale, true);
+  require_in_range(function, "options.base", o.base, -kMaxScale, kMaxScale, true);
+  check_epsilon(function, o.epsilon);
+  check_semantics(function, o.semantics);
   require(o.tile > 0, function, "options.tile", "a value > 0", static_cast<long long>(o.tile));
+}
+
+// Similarities given to value_on_pairs: finite ones of magnitude at most kMaxScale (NaN and
+// infinities propagate).
+template <class S>
+void check_similarities(const char* function, const RowMatrix<S>& similarity) {
+  const auto array = similarity.array();
+  if (!(array.abs() > S(kMaxScale) && array.isFinite()).any()) return;
+  for (Index i = 0; i < similarity.rows(); ++i) {
+    for (Index k = 0; k < similarity.cols(); ++k) {
+      const S s = similarity(i, k);
+      require(!std::isfinite(s) || std::abs(s) <= S(kMaxScale), function, "similarity", "values in [-1e15, 1e15]",
+              to_text(s) + " at (" + to_text(static_cast<long long>(i)) + ", " + to_text(static_cast<long long>(k)) + ")");
+    }
+  }
+}
+
+// An empty similarity matrix (or batch) has no anchor or no pair to mine or weigh.
+inline void require_nonempty_similarity(const char* function, Index rows, Index cols) {
+  require_nonempty(function, "similarity", rows);
+  require_nonempty(function, "similarity", cols, "columns");
 }
 
 }  // namespace detail
@@ -285,7 +328,8 @@ class MultiSimilarityMiner {
   using Options = MultiSimilarityMinerOptions;
 
   explicit MultiSimilarityMiner(Options options = {}) : options_(options) {
-    detail::require_nonnegative("MultiSimilarityMiner", "options.epsilon", options.epsilon);
+    detail::check_epsilon("MultiSimilarityMiner", options.epsilon);
+    detail::check_semantics("MultiSimilarityMiner", options.semantics);
   }
 
   const Options& options() const { return options_; }
@@ -332,6 +376,7 @@ class MultiSimilarityMiner {
   PairMasks mine(const Eigen::MatrixBase<D>& similarity, const Eigen::Ref<const Labels>& row_labels,
                  const Eigen::Ref<const Labels>& column_labels, bool self) const {
     using S = typename D::Scalar;
+    detail::require_nonempty_similarity("MultiSimilarityMiner::masks", similarity.rows(), similarity.cols());
     detail::require_size("MultiSimilarityMiner::masks", "row_labels", row_labels.size(), similarity.rows(),
                          "entries (rows of similarity)");
     detail::require_size("MultiSimilarityMiner::masks", "column_labels", column_labels.size(), similarity.cols(),
@@ -450,7 +495,7 @@ class MultiSimilarityLoss {
   S on_pairs(const char* function, const Eigen::MatrixBase<D>& similarity, const PairMasks& pairs, Out* dS) const {
     static_assert(std::is_same_v<typename D::Scalar, S>, "MultiSimilarityLoss<S>: similarity must have scalar type S");
     const Index n = similarity.rows(), m = similarity.cols();
-    detail::require_nonempty(function, "similarity", n);
+    detail::require_nonempty_similarity(function, n, m);
     for (const auto* mask : {&pairs.positive, &pairs.negative}) {
       detail::require_size(function, "pairs", mask->rows(), n, "mask rows (rows of similarity)");
       detail::require_size(function, "pairs", mask->cols(), m, "mask columns (columns of similarity)");
@@ -461,6 +506,7 @@ class MultiSimilarityLoss {
     }
     tile_.resize(n, m);
     tile_.similarity = similarity;
+    detail::check_similarities(function, tile_.similarity);
     tile_.in_positive = pairs.positive.template cast<S>();
     tile_.in_negative = pairs.negative.template cast<S>();
     anchors_.assign(static_cast<std::size_t>(n), {});
