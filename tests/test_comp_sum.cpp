@@ -532,18 +532,18 @@ TEMPLATE_TEST_CASE("the kernel's exp of shifted logits is exp to ~1 ulp, underfl
       if (exact >= double(std::numeric_limits<S>::min())) {
         const double ulp = double(std::numeric_limits<S>::epsilon()) * exact;
         worst_ulps = std::max(worst_ulps, std::abs(double(e[l]) - exact) / ulp);
-      } else {  // below the normal range: a denormal or 0 (exactly rounded on AVX-512 floats)
+      } else {  // below the normal range: a denormal or 0, within one denormal
         worst_denormal = std::max(worst_denormal, std::abs(double(e[l]) - exact));
       }
     }
   }
   CHECK(worst_ulps < 2.5);
-  CHECK(worst_denormal <= double(std::numeric_limits<S>::min()));
+  CHECK(worst_denormal <= double(std::numeric_limits<S>::denorm_min()));
   for (int l = 0; l < L; ++l) x[l] = l % 3 == 0 ? S(0) : l % 3 == 1 ? -std::numeric_limits<S>::infinity() : S(NAN);
   detail::exp_shifted(x, zero, e);
   for (int l = 0; l < L; ++l) {
     if (l % 3 == 0) CHECK(e[l] == 1);
-    if (l % 3 == 1) CHECK(e[l] < std::numeric_limits<S>::min());  // 0 (a denormal from Eigen's double exp)
+    if (l % 3 == 1) CHECK(e[l] == 0);
     if (l % 3 == 2) CHECK(std::isnan(e[l]));
   }
 }
@@ -584,3 +584,351 @@ TEST_CASE("named members are comp-sum losses with their tau", "[comp_sum]") {
   CHECK(ce.options().ignore_index == -1);
   CHECK(ce.options().label_smoothing == 0.25f);
 }
+
+namespace {
+
+// The exact per-sample value and gradient row of a row of logits, in long double: the reference
+// at rows where float and double lose digits or underflow.
+struct ExactRow {
+  long double value = 0, lp = 0;
+  std::vector<long double> grad;
+};
+
+template <class S>
+ExactRow exact_row(const S* h, Index c, int y, double tau, long double v_y = 1) {
+  long double m = -INFINITY;
+  for (Index j = 0; j < c; ++j) m = std::max(m, (long double)h[j]);
+  long double others = 0, e_y = std::exp((long double)h[y] - m);
+  for (Index j = 0; j < c; ++j)
+    if (j != y) others += std::exp((long double)h[j] - m);
+  const long double s = e_y + others, t = tau - 1;
+  ExactRow r;
+  r.lp = e_y > others ? -std::log1p(others / e_y) : ((long double)h[y] - m) - std::log(s);
+  r.value = v_y * (t == 0 ? -r.lp : -std::expm1(t * r.lp) / t);
+  const long double b = v_y * std::exp(t * r.lp);
+  for (Index j = 0; j < c; ++j) r.grad.push_back(j == y ? -b * others / s : b * std::exp((long double)h[j] - m) / s);
+  return r;
+}
+
+// Whether x is within `ulps` of the exact value, counting ulps of S at its magnitude (its
+// denormal spacing below the normal range), times (1 + |t lp|), the condition of p_y^t in lp.
+template <class S>
+bool close_to(S x, long double exact, double ulps, long double condition = 1) {
+  if (!std::isfinite(x) || std::isnan(exact)) return false;
+  const long double magnitude = std::max(std::fabs(exact), (long double)std::numeric_limits<S>::min());
+  const long double ulp = std::ldexp(1.0L, std::ilogb(magnitude) - (std::numeric_limits<S>::digits - 1));
+  return std::fabs((long double)x - exact) <= ulps * ulp * condition;
+}
+
+// Rows at the edges of S's range for C classes, row r of a set: a far label, far other classes,
+// the label alone at the top, equal rows, and all of them in a few mixes.
+template <class S>
+RowMatrix<S> extreme_rows(Index n, Index c, Labels& y, bool moderate) {
+  RowMatrix<S> h = random_logits<S>(n, c, 1.0, unsigned(n + c));
+  y = random_labels(n, c, unsigned(n * c));
+  const double far = moderate ? 40 : std::is_same_v<S, float> ? 100 : 760;
+  for (Index i = 0; i < n; ++i) {
+    switch (i % 6) {
+      case 0: h(i, y(i)) += S(far); break;                             // p_y = 1 - tiny
+      case 1: h(i, y(i)) -= S(far); break;                             // p_y tiny
+      case 2: h.row(i).setZero(); h(i, y(i)) = S(far); break;         // the finding's row
+      case 3: h(i, (y(i) + 1) % c) += S(far / 2); break;              // another class on top
+      case 4: h.row(i) *= S(0); break;                                 // equal (-0 and +0)
+      default: h(i, y(i)) += S(far / 3); h(i, (y(i) + 1) % c) -= S(far); break;
+    }
+  }
+  return h;
+}
+
+}  // namespace
+
+// The label's entry a p_y - b cancels as p_y nears 1, and exps below -88 (float) came out of
+// Eigen's clamped exp as 2.9e-39: CompSumLoss<float>{tau = 3} at [0, 0, 100, 0], label 2, gave
+// [2.9e-39, 2.9e-39, 0, 2.9e-39] for about [3.7e-44, 3.7e-44, -1.1e-43, 3.7e-44].
+TEMPLATE_TEST_CASE("gradients at underflow match a long-double oracle on every path", "[comp_sum]", float, double) {
+  using S = TestType;
+  {
+    RowMatrix<S> h(1, 4);
+    h << 0, 0, 100, 0;
+    Labels y(1);
+    y << 2;
+    RowMatrix<S> g(1, 4);
+    for (const double tau : {3.0, 1e30, 1.0}) {
+      CompSumLoss<S>({.tau = S(tau)}).value_and_grad(h, y, g);
+      const ExactRow exact = exact_row(h.data(), 4, 2, tau);
+      INFO("tau " << tau << ": " << g);
+      for (Index j = 0; j < 4; ++j) CHECK(close_to(g(0, j), exact.grad[std::size_t(j)], 2));
+      if (tau == 3 && std::is_same_v<S, float>) CHECK(g(0, 0) < S(1e-43));
+      CHECK(g(0, 2) < 0);
+    }
+  }
+  // Every path: rows of few classes one by one (transposes, element by element), in blocks
+  // (flat on AVX-512 floats, else transposed), strided (transposed), and many classes (rows).
+  for (const Index c : {2, 4, 7, 15, 40}) {
+    for (const bool moderate : {false, true}) {
+      Labels y;
+      const Index n = 96;
+      const RowMatrix<S> h = extreme_rows<S>(n, c, y, moderate);
+      RowMatrix<S> wide = RowMatrix<S>::Zero(n, c + 3);
+      wide.leftCols(c) = h;
+      // tau < 1 only on the moderate rows: p_y^(tau-1) > 1 magnifies the exps there, and where
+      // they fall below the normal range their digits are lost (see the README).
+      for (const double tau : moderate ? std::vector<double>{0.0, 0.5, 1.0, 1.7, 3.0, 1e30}
+                                       : std::vector<double>{1.0, 1.7, 3.0, 1e30}) {
+        const CompSumLoss<S> loss({.tau = S(tau), .reduction = Reduction::Sum});
+        RowMatrix<S> g(n, c), g_wide(n, c + 3), g_row(1, c);
+        Vector<S> values(n);
+        loss.value_and_grad(h, y, g);
+        loss.value_and_grad(wide.leftCols(c), y, g_wide.leftCols(c));
+        loss.values(h, y, values);
+        for (Index i = 0; i < n; ++i) {
+          loss.value_and_grad(h.row(i), y.segment(i, 1), g_row);
+          const ExactRow exact = exact_row(h.row(i).data(), c, y(i), tau);
+          if (!(std::fabs(exact.value) < std::numeric_limits<S>::max())) continue;
+          // The condition of the problem in the roundings of the kernel: exp(h_j - m) carries the
+          // rounding of h_j - m (spread: the row's widest), p_y^(tau-1) that of t lp, and in a
+          // float block of 16 rows one shift stands in for the row maxima (up to e^39 above).
+          long double m = -INFINITY, spread = 0;
+          for (Index j = 0; j < c; ++j) m = std::max(m, (long double)h(i, j));
+          for (Index j = 0; j < c; ++j) spread = std::max(spread, m - h(i, j));
+          const long double condition = 1 + spread + (std::is_same_v<S, float> ? 40 : 0) +
+                                        std::fabs(tau - 1) * (m - h(i, y(i)) + std::fabs(exact.lp));
+          INFO(c << " classes, tau " << tau << ", row " << i << ": " << h.row(i) << ", label " << y(i));
+          CHECK(std::fabs(values(i) - exact.value) <= 8 * std::numeric_limits<S>::epsilon() * (1 + std::fabs(exact.value)) * condition);
+          long double row_sum = 0, row_size = 0;
+          for (Index j = 0; j < c; ++j) {
+            const long double expected = exact.grad[std::size_t(j)];
+            INFO("class " << j << ": " << g(i, j) << " for " << double(expected));
+            CHECK(close_to(g(i, j), expected, 8, condition));
+            CHECK(close_to(g_wide(i, j), expected, 8, condition));
+            CHECK(close_to(g_row(0, j), expected, 8, condition));
+            row_sum += g(i, j);
+            row_size += std::fabs((long double)g(i, j));
+          }
+          CHECK(std::fabs(row_sum) <= 4 * c * std::numeric_limits<S>::epsilon() * row_size);
+        }
+      }
+    }
+  }
+}
+
+// Class weights of 1e38 each on one row of 4 logits: the weight sum overflowed float, and
+// c W = 0 * inf made the gradient NaN beside a value of 0.342. Weights anywhere in [0, max]
+// give what the unweighted loss gives, scaled by the weights, or exactly it for a mean.
+TEMPLATE_TEST_CASE("class weights from the denormals to the largest finite give finite, exact results", "[comp_sum]",
+                   float, double) {
+  using S = TestType;
+  using limits = std::numeric_limits<S>;
+  const S tolerance = 8 * limits::epsilon();
+  for (const Index c : {4, 40}) {
+    const Index n = c == 4 ? 1 : 70;  // the finding's one row, then the blocks and the rows paths
+    const RowMatrix<S> h = random_logits<S>(n, c, 1.0, 17);
+    const Labels y = random_labels(n, c, 18);
+    for (const double tau : {1.0, 0.5, 2.0}) {
+      const CompSumLoss<S> plain({.tau = S(tau)}), plain_sum({.tau = S(tau), .reduction = Reduction::Sum});
+      RowMatrix<S> g_plain(n, c), g_plain_sum(n, c), g(n, c);
+      const S mean = plain.value_and_grad(h, y, g_plain);
+      const S sum = plain_sum.value_and_grad(h, y, g_plain_sum);
+      Vector<S> per_plain(n), per(n);
+      plain.values(h, y, per_plain);
+      for (const S w : {S(1e38), limits::max(), limits::denorm_min(), limits::min(), S(1e-30)}) {
+        INFO(c << " classes, tau " << tau << ", weights " << w);
+        const Vector<S> weight = Vector<S>::Constant(c, w);
+        CHECK(CompSumLoss<S>({.tau = S(tau), .weight = weight}).value_and_grad(h, y, g) == Approx(mean).epsilon(tolerance));
+        CHECK(g.allFinite());
+        CHECK(g.isApprox(g_plain, tolerance));
+        const CompSumLoss<S> weighted_sum({.tau = S(tau), .reduction = Reduction::Sum, .weight = weight});
+        const S total = weighted_sum.value_and_grad(h, y, g);
+        weighted_sum.values(h, y, per);
+        // Sum: w times the unweighted results; where a sample's value exceeds the largest S
+        // it is inf, and so may be its gradient row (w p_y^(tau-1) beyond the largest S).
+        for (Index i = 0; i < n; ++i) {
+          const long double exact = (long double)w * per_plain(i);
+          if (exact > limits::max()) {
+            CHECK(std::isinf(per(i)));
+            continue;
+          }
+          CHECK(close_to(per(i), exact, 8));
+          for (Index j = 0; j < c; ++j) CHECK(close_to(g(i, j), (long double)w * g_plain_sum(i, j), 8));
+        }
+        // The total adds the rounded per-sample values: n denormals' worth apart at most.
+        const long double expected = (long double)w * sum;
+        if (std::fabs(expected) < limits::max()) {
+          CHECK(std::fabs(total - expected) <= tolerance * std::fabs(expected) + n * limits::denorm_min());
+        }
+      }
+    }
+    // Mixed: one class 1e38 and one denormal, labels on both; label smoothing with the weights'
+    // sum at the largest finite.
+    Vector<S> mixed = Vector<S>::Ones(c);
+    mixed(0) = S(1e38);
+    mixed(1) = limits::denorm_min();
+    Labels y01 = y;
+    for (Index i = 0; i < n; ++i) y01(i) = int(i % 2);
+    RowMatrix<S> g(n, c);
+    CHECK(std::isfinite(CompSumLoss<S>({.weight = mixed}).value_and_grad(h, y01, g)));
+    CHECK(g.allFinite());
+    CompSumLoss<S>({.reduction = Reduction::Sum, .weight = mixed}).value_and_grad(h, y01, g);  // a sum may overflow
+    CHECK(g.allFinite());
+    const Vector<S> at_max = Vector<S>::Constant(c, limits::max() / S(c + 1));
+    check_loss_gradient<S>({.weight = (at_max / limits::max()).eval(), .label_smoothing = S(0.5)}, h, y);
+    CHECK(std::isfinite(CompSumLoss<S>({.weight = at_max, .label_smoothing = S(0.5)}).value_and_grad(h, y, g)));
+    CHECK(g.allFinite());
+  }
+  // Weights of 0 for every counted label: a mean over nothing (NaN, zero gradient), a sum of 0.
+  const RowMatrix<S> h = random_logits<S>(5, 3, 1.0, 3);
+  Labels y(5);
+  y << 0, 0, 1, 1, 0;
+  Vector<S> zero_01(3);
+  zero_01 << 0, 0, 1;
+  RowMatrix<S> g = RowMatrix<S>::Ones(5, 3);
+  CHECK(std::isnan(CompSumLoss<S>({.weight = zero_01}).value_and_grad(h, y, g)));
+  CHECK(g.isZero(0));
+  g.setOnes();
+  CHECK(CompSumLoss<S>({.reduction = Reduction::Sum, .weight = zero_01}).value_and_grad(h, y, g) == 0);
+  CHECK(g.isZero(0));
+}
+
+TEMPLATE_TEST_CASE("accepted domains: their edges work, the next values are rejected", "[comp_sum]", float, double) {
+  using S = TestType;
+  using limits = std::numeric_limits<S>;
+  const RowMatrix<S> h = random_logits<S>(20, 5, 2.0, 5);
+  const Labels y = random_labels(20, 5, 6);
+  RowMatrix<S> g(20, 5);
+  auto rejects = [](auto&& make, const char* argument) {
+    try {
+      make();
+      FAIL("no throw for " << argument);
+    } catch (const gradus::invalid_argument& e) {
+      CHECK(std::string(e.what()).find(std::string("'") + argument + "'") != std::string::npos);
+    }
+  };
+  // tau: [0, max]; the largest gives the limit 1/tau... of -log p_y (finite, >= 0).
+  for (const S tau : {S(0), limits::denorm_min(), S(1e30), limits::max()}) {
+    INFO("tau " << tau);
+    const S value = CompSumLoss<S>({.tau = tau}).value_and_grad(h, y, g);
+    CHECK(std::isfinite(value));
+    CHECK(value >= 0);
+    CHECK(g.allFinite());
+  }
+  rejects([] { CompSumLoss<S>({.tau = -limits::denorm_min()}); }, "options.tau");
+  rejects([] { CompSumLoss<S>({.tau = limits::infinity()}); }, "options.tau");
+  // label_smoothing: [0, 1], for tau = 1.
+  for (const S eps : {limits::denorm_min(), S(1)}) {
+    check_loss_gradient<S>({.label_smoothing = eps}, h, y);
+    CHECK(std::isfinite(CrossEntropyLoss<S>({.label_smoothing = eps}).value_and_grad(h, y, g)));
+  }
+  rejects([] { CrossEntropyLoss<S>({.label_smoothing = std::nextafter(S(1), S(2))}); }, "options.label_smoothing");
+  rejects([] { CrossEntropyLoss<S>({.label_smoothing = -limits::denorm_min()}); }, "options.label_smoothing");
+  // weight: finite entries >= 0; with label smoothing their sum finite too.
+  Vector<S> halves = Vector<S>::Constant(2, limits::max() / 2);
+  const RowMatrix<S> h2 = h.leftCols(2);
+  Labels y2 = y;
+  for (Index i = 0; i < y2.size(); ++i) y2(i) %= 2;
+  RowMatrix<S> g2(20, 2);
+  CHECK(std::isfinite(CrossEntropyLoss<S>({.weight = halves, .label_smoothing = S(0.1)}).value_and_grad(h2, y2, g2)));
+  CHECK(g2.allFinite());
+  halves(1) = std::nextafter(halves(1), limits::infinity());
+  CHECK_NOTHROW(CrossEntropyLoss<S>({.weight = halves}));
+  rejects([&] { CrossEntropyLoss<S>({.weight = halves, .label_smoothing = S(0.1)}); }, "options.weight");
+  rejects([] { CrossEntropyLoss<S>({.weight = Vector<S>::Constant(3, limits::infinity())}); }, "options.weight");
+  rejects([] { CrossEntropyLoss<S>({.weight = Vector<S>::Constant(3, -limits::denorm_min())}); }, "options.weight");
+}
+
+// Reduction(7) behaved as Sum.
+TEST_CASE("out-of-range reductions are rejected by every comp-sum loss", "[comp_sum]") {
+  const auto bad = static_cast<Reduction>(7);
+  auto rejects = [](auto&& make, const std::string& function) {
+    try {
+      make();
+      FAIL("no throw from " << function);
+    } catch (const gradus::invalid_argument& e) {
+      const std::string what = e.what();
+      INFO(what);
+      CHECK(what.find("gradus::" + function + ":") != std::string::npos);
+      CHECK(what.find("'reduction'") != std::string::npos);
+    }
+  };
+  rejects([&] { CompSumLoss<float>({.reduction = bad}); }, "CompSumLoss");
+  rejects([&] { CrossEntropyLoss<double>({.reduction = bad}); }, "CrossEntropyLoss");
+  rejects([&] { SumExponentialLoss<float>({.reduction = bad}); }, "SumExponentialLoss");
+  rejects([&] { GeneralizedCrossEntropyLoss<float>({.reduction = bad}); }, "GeneralizedCrossEntropyLoss");
+  rejects([&] { MeanAbsoluteErrorLoss<double>({.reduction = bad}); }, "MeanAbsoluteErrorLoss");
+  rejects([&] { CompSumLoss<float>({.reduction = static_cast<Reduction>(-1)}); }, "CompSumLoss");
+  CHECK_NOTHROW(CompSumLoss<float>({.reduction = Reduction::None}));
+}
+
+TEMPLATE_TEST_CASE("odd inputs: -0, denormal and huge logits, one class, NaN and inf", "[comp_sum]", float, double) {
+  using S = TestType;
+  using limits = std::numeric_limits<S>;
+  for (const Index c : {1, 3, 20}) {
+    const Index n = 40;
+    Labels y = random_labels(n, c, 7);
+    for (const S fill : {S(-0.0), limits::denorm_min(), -limits::denorm_min(), S(1e30), S(-1e30)}) {
+      RowMatrix<S> h = RowMatrix<S>::Constant(n, c, fill);
+      h(0, 0) = S(0);
+      RowMatrix<S> g(n, c);
+      INFO(c << " classes, fill " << fill);
+      const S value = CrossEntropyLoss<S>({.reduction = Reduction::Sum}).value_and_grad(h, y, g);
+      CHECK(std::isfinite(value));
+      CHECK(g.allFinite());
+      for (Index i = 1; i < n; ++i) CHECK(std::fabs(g.row(i).sum()) <= 8 * c * limits::epsilon());
+    }
+    // 1e30 logits apart: p is 0 or 1 exactly, the value 1e30 where the label is far below.
+    RowMatrix<S> h = RowMatrix<S>::Zero(n, c);
+    h.col(0).setConstant(S(1e30));
+    for (Index i = 0; i < n; ++i) y(i) = int(i % c);
+    Vector<S> values(n);
+    RowMatrix<S> g(n, c);
+    const CrossEntropyLoss<S> ce({.reduction = Reduction::Sum});
+    ce.values(h, y, values);
+    ce.value_and_grad(h, y, g);
+    CHECK(g.allFinite());
+    for (Index i = 0; i < n; ++i) CHECK(values(i) == (y(i) == 0 ? S(0) : S(1e30)));
+  }
+  // N x 0 and zero rows are rejected; an inf logit makes its row NaN, not others.
+  CHECK_THROWS_AS(CrossEntropyLoss<S>{}.value(RowMatrix<S>(3, 0), Labels::Zero(3)), gradus::invalid_argument);
+  CHECK_THROWS_AS(CrossEntropyLoss<S>{}.value(RowMatrix<S>(0, 3), Labels(0)), gradus::invalid_argument);
+  RowMatrix<S> h = RowMatrix<S>::Zero(40, 4);
+  h(5, 2) = limits::infinity();
+  h(6, 1) = -limits::infinity();
+  RowMatrix<S> g(40, 4);
+  Labels y = random_labels(40, 4, 9);
+  y(6) = 0;
+  CHECK(std::isnan(CrossEntropyLoss<S>{}.value_and_grad(h, y, g)));
+  CHECK(g.row(5).array().isNaN().any());
+  CHECK(g.row(6).allFinite());
+  CHECK(g(6, 1) == 0);
+  CHECK(g.row(7).allFinite());
+}
+
+#ifdef GRADUS_OPENMP
+// value_and_grad(X, y, X) with 2-7 threads: the packet transposes read past a block's last row
+// into the next thread's rows while that thread wrote its gradient there (a data race that
+// ThreadSanitizer reports; this test is the one its build runs). Floats of 3 classes, strided
+// and contiguous, and doubles.
+TEMPLATE_TEST_CASE("in-place gradients under OpenMP: no thread reads another's rows", "[comp_sum][openmp]", float,
+                   double) {
+  using S = TestType;
+  const Index n = 70000, c = 3;
+  const auto h = random_logits<S>(n, c, 2.0, 41);
+  const auto y = random_labels(n, c, 42);
+  const CompSumLoss<S> loss({.tau = S(1.5)});
+  RowMatrix<S> expected(n, c);
+  const int threads = omp_get_max_threads();
+  omp_set_num_threads(1);
+  const S serial = loss.value_and_grad(h, y, expected);
+  for (int team = 2; team <= 7; ++team) {
+    omp_set_num_threads(team);
+    INFO(team << " threads");
+    RowMatrix<S> in_place = h;
+    CHECK(loss.value_and_grad(in_place, y, in_place) == Approx(serial).epsilon(1e-5));
+    CHECK(in_place.isApprox(expected, 8 * std::numeric_limits<S>::epsilon()));
+    RowMatrix<S> wide = RowMatrix<S>::Zero(n, c + 1);
+    wide.leftCols(c) = h;
+    CHECK(loss.value_and_grad(wide.leftCols(c), y, wide.leftCols(c)) == Approx(serial).epsilon(1e-5));
+    CHECK(wide.leftCols(c).isApprox(expected, 8 * std::numeric_limits<S>::epsilon()));
+  }
+  omp_set_num_threads(threads);
+}
+#endif

@@ -8,7 +8,9 @@
 //   grad  = a p - b e_y - c v,   a = (1-eps) v_y r + (eps/C) W,   b = (1-eps) v_y r,   c = eps/C
 //
 // with l_tau(lp) = -expm1((tau-1) lp)/(tau-1) (l_1 = -lp); everything times a common scale
-// (1 / denominator for a mean). Ignored rows give value 0 and a zero gradient row.
+// (1 / denominator for a mean). Ignored rows give value 0 and a zero gradient row. The label's
+// entry is taken as (a - b) p_y - b (1 - p_y) - c v_y, with 1 - p_y from the sum of the other
+// classes' exps: a p_y - b cancels as p_y nears 1, and the row would no longer sum to 0.
 //
 // One pass structure per row, one exp per element: max, then e = exp(h - max) written
 // straight into the gradient row while summing (and while the rows about 8 KiB ahead are
@@ -113,37 +115,6 @@ bool streams_gradient(const CompSumJob<S>& job) {
   return job.grad != nullptr && std::size_t(job.rows * job.cols) * sizeof(S) > kStreamBytes;
 }
 
-// Per-sample value and gradient coefficients (see the header comment) on lanes of samples;
-// A is an Eigen array, one lane per sample. active is 1 for counted rows, 0 otherwise;
-// callers zero the ignored rows themselves.
-template <class A>
-struct CompSumTerms {
-  A value, a, b, c;
-};
-
-// With m the row max and s = sum_j exp(h_j - m): lp = (h_y - m) - log s, and
-// dot = sum_j v_j (h_j - m), both shifted by m so that large logits lose no digits.
-template <class S, class A>
-EIGEN_ALWAYS_INLINE CompSumTerms<A> comp_sum_terms(const CompSumJob<S>& job, const A& lp, const A& log_s, const A& dot,
-                                                    const A& v_y, const A& active) {
-  const S t = job.tau - 1;
-  const S keep = (1 - job.smoothing) * job.scale;
-  const S spread = job.smoothing / S(job.cols) * job.scale;
-  CompSumTerms<A> terms;
-  if (t == 0) {
-    terms.value = keep * v_y * (-lp);
-    terms.b = keep * v_y;
-  } else {
-    const A tlp = t * lp;
-    terms.value = (-keep / t) * v_y * tlp.expm1();
-    terms.b = keep * v_y * tlp.exp();
-  }
-  terms.c = active * spread;
-  if (job.smoothing > 0) terms.value += terms.c * (job.class_weight_sum * log_s - dot);
-  terms.a = terms.b + terms.c * job.class_weight_sum;
-  return terms;
-}
-
 // Packets are vector types whose alignment attributes GCC drops as template arguments, as
 // Eigen's own headers do (they silence the same warning).
 #if defined(__GNUC__)
@@ -162,9 +133,73 @@ void exp_shifted(const typename A::Scalar* x, const A& m, typename A::Scalar* e)
   }
 }
 
+// Per-sample value and gradient coefficients (see the header comment) on lanes of samples;
+// A is an Eigen array, one lane per sample. active is 1 for counted rows, 0 otherwise;
+// callers zero the ignored rows themselves.
+template <class A>
+struct CompSumTerms {
+  A value, a, b, c;
+};
+
+// The label smoothing's share c of each class weight v_j (eps/C times the job's scale).
+template <class S>
+S smoothing_spread(const CompSumJob<S>& job) {
+  return job.smoothing / S(job.cols) * job.scale;
+}
+
+// exp of non-positive lanes by pexp_nonpositive (denormals and 0 right where Eigen's exp is not).
+template <class A>
+A exp_nonpositive(const A& x) {
+  constexpr int P = Eigen::internal::unpacket_traits<typename Eigen::internal::packet_traits<typename A::Scalar>::type>::size;
+  if constexpr (A::SizeAtCompileTime % P == 0) {
+    A e;
+    exp_shifted(x.data(), A(A::Zero()), e.data());
+    return e;
+  } else {
+    return x.exp();  // too few lanes for a packet: std::exp
+  }
+}
+
+// log p_y from h_y - m, log s, e_y = exp(h_y - m) and the others' sum s - e_y: (h_y - m) - log s,
+// except with tau != 1 where p_y > 1/2: there -log1p(others / e_y) keeps the digits the first
+// loses to the roundings of h_y - m and of s, which p_y^(tau-1) would magnify tau - 1 times
+// (cross-entropy's gradient does not use lp, and its value keeps its absolute accuracy).
+template <class S, class A>
+A log_p_y(const CompSumJob<S>& job, const A& shifted, const A& log_s, const A& e_y, const A& others) {
+  if (job.tau == 1) return shifted - log_s;
+  return (e_y > others).select(-(others / e_y).log1p(), shifted - log_s);
+}
+
+// With m the row max and s = sum_j exp(h_j - m): lp = log_p_y, and
+// dot = c sum_j v_j (h_j - m) (c = smoothing_spread), both shifted by m so that large logits
+// lose no digits. Products are ordered so that none overflows before the result does: a large
+// class weight meets the factors <= 1 first (1/t last), and a = b without label smoothing.
+template <class S, class A>
+EIGEN_ALWAYS_INLINE CompSumTerms<A> comp_sum_terms(const CompSumJob<S>& job, const A& lp, const A& log_s, const A& dot,
+                                                    const A& v_y, const A& active) {
+  const S t = job.tau - 1;
+  const A weight = (1 - job.smoothing) * job.scale * v_y;
+  CompSumTerms<A> terms;
+  if (t == 0) {
+    terms.value = weight * (-lp);
+    terms.b = weight;
+  } else {
+    const A tlp = t * lp;  // <= 0 for tau > 1: p_y^(tau-1) underflows to denormals and 0, as it should
+    terms.value = weight * (tlp.expm1() * (-1 / t));
+    terms.b = weight * (t > 0 ? exp_nonpositive(tlp) : A(tlp.exp()));
+  }
+  terms.c = active * smoothing_spread(job);
+  terms.a = terms.b;
+  if (job.smoothing > 0) {
+    terms.value += terms.c * job.class_weight_sum * log_s - dot;
+    terms.a += terms.c * job.class_weight_sum;
+  }
+  return terms;
+}
+
 // sum_j exp(x_j - m), writing the terms to e when it is not null: chunks of four packets,
-// then whole packets, then the last partial packet padded with -inf (exp = 0, or a denormal
-// in double without AVX-512) so that every exp is a vector one. While the exps keep the core
+// then whole packets, then the last partial packet padded with -inf (exp = 0) so that every
+// exp is a vector one. While the exps keep the core
 // busy, the rows starting at next_x and next_e (when not null, n entries each) are requested
 // from memory, so that they arrive before they are read.
 template <class S>
@@ -218,6 +253,33 @@ S max_of(const S* x, Index n) {
   return predux_max(pmax(pmax(acc[0], acc[1]), pmax(acc[2], acc[3])));
 }
 
+// e_j *= f over n entries; returns the sum of the e_j before (the rescaling pass of a row
+// takes its sum at no cost: the loop is bound by its stores).
+template <class S>
+S scale_and_sum(S* e, Index n, S f) {
+  using namespace Eigen::internal;
+  using Packet = typename packet_traits<S>::type;
+  constexpr Index P = unpacket_traits<Packet>::size;
+  const Packet factor = pset1<Packet>(f);
+  Packet acc[4] = {pzero(factor), pzero(factor), pzero(factor), pzero(factor)};
+  auto step = [&](Index j, Packet& sum) {
+    const Packet v = ploadu<Packet>(e + j);
+    sum = padd(sum, v);
+    pstoreu(e + j, pmul(v, factor));
+  };
+  Index j = 0;
+  for (; j + 4 * P <= n; j += 4 * P) {
+    for (int k = 0; k < 4; ++k) step(j + k * P, acc[k]);
+  }
+  for (; j + P <= n; j += P) step(j, acc[0]);
+  S sum = predux(padd(padd(acc[0], acc[1]), padd(acc[2], acc[3])));
+  for (; j < n; ++j) {
+    sum += e[j];
+    e[j] *= f;
+  }
+  return sum;
+}
+
 // One row of many classes; returns its (scaled) value. With `scratch` (cols entries) the
 // gradient row is built there, in cache, and streamed out to the gradient.
 template <class S>
@@ -238,7 +300,10 @@ S comp_sum_row(const CompSumJob<S>& job, Index i, S* scratch) {
   const S h_y = x[y];
   const S m = max_of(x, n);
   S dot = 0;
-  if (job.smoothing > 0) dot = job.class_weight ? ((row - m) * Row(job.class_weight, n)).sum() : (row - m).sum();
+  if (job.smoothing > 0) {
+    const S c = smoothing_spread(job);
+    dot = job.class_weight ? ((row - m) * c * Row(job.class_weight, n)).sum() : c * (row - m).sum();
+  }
   // Memory is requested about 8 KiB ahead (at least the next row): closer does not hide
   // its latency behind the exps (1.3x slower at 4096 x 1000 floats on the AMD EPYC VM this
   // was tuned on), farther gains nothing.
@@ -247,18 +312,30 @@ S comp_sum_row(const CompSumJob<S>& job, Index i, S* scratch) {
   const S* next_x = prefetch ? x + ahead * job.ld_logits : nullptr;
   S* next_g = prefetch && g != nullptr && scratch == nullptr ? g + ahead * job.ld_grad : nullptr;
   S* e = scratch != nullptr && g != nullptr ? scratch : g;
+  // Without a gradient row the exps are not kept: e_y and the others' sum then come from s.
   const S s = sum_exp(x, e, n, m, next_x, next_g);
   const S log_s = std::log(s);
   const S v_y = job.class_weight ? job.class_weight[y] : S(1);
-  const auto terms = comp_sum_terms(job, One(h_y - m - log_s), One(log_s), One(dot), One(v_y), One(1));
+  const S e_y = e != nullptr ? e[y] : std::exp(h_y - m);
+  S others = s - e_y;
+  if (e != nullptr && job.tau != 1 && e_y > others) {  // the sum without the label, for log_p_y
+    e[y] = 0;
+    others = Eigen::Map<Eigen::Array<S, Eigen::Dynamic, 1>>(e, n).sum();
+    e[y] = e_y;
+  }
+  const auto terms = comp_sum_terms(job, log_p_y(job, One(h_y - m), One(log_s), One(e_y), One(others)), One(log_s),
+                                    One(dot), One(v_y), One(1));
   if (g != nullptr) {
+    // The label's entry a p_y - b = (a - b) p_y - b (1 - p_y) from the sum of the other exps:
+    // as p_y nears 1, 1 - p_y taken from s loses every digit (and the row no longer sums to 0).
+    e[y] = 0;
+    others = scale_and_sum(e, n, terms.a(0) / s);
+    e[y] = (terms.a(0) - terms.b(0)) * (e_y / s) - terms.b(0) * (others / s);
     Eigen::Map<Eigen::Array<S, Eigen::Dynamic, 1>> grad(e, n);
-    grad *= terms.a(0) / s;
     if (terms.c(0) != 0) {
       if (job.class_weight) grad -= terms.c(0) * Row(job.class_weight, n);
       else grad -= terms.c(0);
     }
-    e[y] -= terms.b(0);
     if (e != g) stream_copy(e, g, n);
   }
   if (job.per_sample != nullptr) job.per_sample[i] = terms.value(0);
@@ -272,9 +349,11 @@ inline constexpr int kLanes = 2 * Eigen::internal::packet_traits<S>::size;
 // The transposes between rows and lanes, t[c * kLanes + l] = x[l * ld + c], for a block of
 // `count` <= kLanes rows (missing rows padded with 0) and back for the gradient. Full blocks
 // with room after them use Eigen's in-register packet transpose, reading whole packets past
-// the end of short rows (still inside the matrix); stores past a row's end are allowed only
-// into the rows of the block written after it, so in-place use (g == x) and strided blocks
-// stay exact. Other blocks, and ends of rows, go element by element.
+// the end of short rows, but never past the rows the caller owns: with OpenMP the rows after
+// them are another thread's, whose gradient may be written there (in place) meanwhile. Stores
+// past a row's end are allowed only into the rows of the block written after it, so in-place
+// use (g == x) and strided blocks stay exact. Other blocks, and ends of rows, go element by
+// element.
 template <class S>
 struct BlockTranspose {
   using Packet = typename Eigen::internal::packet_traits<S>::type;
@@ -283,9 +362,9 @@ struct BlockTranspose {
 
   static Index padded(Index n) { return (n + P - 1) / P * P; }
 
-  // rows x n matrix with row stride ld: can the block at `first` be read by whole packets?
-  static bool can_load(Index first, Index rows, Index n, Index ld) {
-    return first + L <= rows && (first + L - 1) * ld + padded(n) <= (rows - 1) * ld + n;
+  // Rows [0, end) of n entries with row stride ld: can the block at `first` be read by whole packets?
+  static bool can_load(Index first, Index end, Index n, Index ld) {
+    return first + L <= end && (first + L - 1) * ld + padded(n) <= (end - 1) * ld + n;
   }
 
   static void load(const S* x, Index ld, Index n, Index count, bool packets, S* t) {
@@ -338,22 +417,26 @@ struct BlockTranspose {
 
 // x[l] where key(l) == value, else +0 (x aligned, L entries). Eigen 3.4's Array comparisons
 // are scalar, so this goes through its packet compare; the bitwise and also clears NaN and inf.
+// With take, those x[l] are set to +0 (taken out of x).
 template <class S, int L>
-Eigen::Array<S, L, 1> where_equal(const Eigen::Array<S, L, 1>& key, S value, const S* x) {
-  using Packet = typename Eigen::internal::packet_traits<S>::type;
-  constexpr int P = Eigen::internal::unpacket_traits<Packet>::size;
-  const Packet v = Eigen::internal::pset1<Packet>(value);
+Eigen::Array<S, L, 1> where_equal(const Eigen::Array<S, L, 1>& key, S value, const S* x, S* take = nullptr) {
+  using namespace Eigen::internal;
+  using Packet = typename packet_traits<S>::type;
+  constexpr int P = unpacket_traits<Packet>::size;
+  const Packet v = pset1<Packet>(value);
   Eigen::Array<S, L, 1> out;
   for (int k = 0; k < L; k += P) {
-    const Packet equal = Eigen::internal::pcmp_eq(Eigen::internal::pload<Packet>(key.data() + k), v);
-    Eigen::internal::pstore(out.data() + k, Eigen::internal::pand(equal, Eigen::internal::pload<Packet>(x + k)));
+    const Packet equal = pcmp_eq(pload<Packet>(key.data() + k), v), xk = pload<Packet>(x + k);
+    pstore(out.data() + k, pand(equal, xk));
+    if (take != nullptr) pstore(take + k, pandnot(xk, equal));
   }
   return out;
 }
 
-// Up to kLanes rows of few classes, vectorized across the rows; returns their (scaled) value sum.
+// Up to kLanes rows of few classes, vectorized across the rows, of the caller's rows [.., end);
+// returns their (scaled) value sum.
 template <class S>
-S comp_sum_block(const CompSumJob<S>& job, Index first, Index count) {
+S comp_sum_block(const CompSumJob<S>& job, Index first, Index count, Index end) {
   constexpr int L = kLanes<S>;
   using Lanes = Eigen::Array<S, L, 1>;
   using LaneMap = Eigen::Map<Lanes, Eigen::Aligned>;
@@ -375,7 +458,7 @@ S comp_sum_block(const CompSumJob<S>& job, Index first, Index count) {
   }
   using Transpose = BlockTranspose<S>;
   Transpose::load(job.logits + first * job.ld_logits, job.ld_logits, n, count,
-                  Transpose::can_load(first, job.rows, n, job.ld_logits), t);
+                  Transpose::can_load(first, end, n, job.ld_logits), t);
   // Labels as lanes of S (small integers: exact); padding lanes are ignored.
   Lanes y = Lanes::Constant(S(job.ignore_index));
   if (count == L) {
@@ -398,20 +481,24 @@ S comp_sum_block(const CompSumJob<S>& job, Index first, Index count) {
   }
   Lanes dot = Lanes::Zero();
   if (job.smoothing > 0) {
-    for (Index c = 0; c < n; ++c) dot += v(c) * (LaneMap(t + c * L) - m);
+    const S spread = smoothing_spread(job);
+    for (Index c = 0; c < n; ++c) dot += spread * v(c) * (LaneMap(t + c * L) - m);
   }
-  Lanes s = Lanes::Zero();
+  // The label's exp is taken out of t as it is computed: `others`, the sum of the rest, gives
+  // 1 - p_y to full precision for the label's gradient entry (see comp_sum_row).
+  Lanes others = Lanes::Zero(), e_y = Lanes::Zero();
   for (Index c = 0; c < n; ++c) {
     exp_shifted(t + c * L, m, t + c * L);
-    s += LaneMap(t + c * L);
+    e_y += where_equal(column, S(c), t + c * L, t + c * L);
+    others += LaneMap(t + c * L);
   }
-  const Lanes log_s = s.log();
-  auto terms = comp_sum_terms(job, Lanes(h_y - m - log_s), log_s, dot, v_y, active);
+  const Lanes s = others + e_y, log_s = s.log();
+  auto terms = comp_sum_terms(job, log_p_y(job, Lanes(h_y - m), log_s, e_y, others), log_s, dot, v_y, active);
   if (job.grad != nullptr) {
-    const Lanes a_over_s = terms.a / s;
+    const Lanes a_over_s = terms.a / s, label = (terms.a - terms.b) * (e_y / s) - terms.b * (others / s);
     for (Index c = 0; c < n; ++c) {
       LaneMap g(t + c * L);
-      g = g * a_over_s - v(c) * terms.c - where_equal(column, S(c), terms.b.data());
+      g = g * a_over_s - v(c) * terms.c + where_equal(column, S(c), label.data());
     }
   }
   if (!all_active) {  // ignored rows: nothing, even from non-finite logits
@@ -434,10 +521,11 @@ S comp_sum_block(const CompSumJob<S>& job, Index first, Index count) {
 // flat layout: one shift per 16 rows (their largest logit) stands in for the row maxima, each
 // row's exps are read back by a masked load and summed by a tree of in-register shuffles, and
 // each per-row factor reaches the flat lanes by one permute. A block where some row lies far
-// below the shift (its sum under kFlatFloor, about e^-39) or that holds a non-finite logit goes
-// to comp_sum_block instead; elsewhere the terms a row loses to float's underflow are below
-// e^-48 of its sum.
+// below the shift (its sum under kFlatFloor, about e^-39), where some exp would fall below the
+// normal floats (kFlatLowest; with the rows' own maxima it might not, and its gradient entry
+// would lose digits) or that holds a non-finite logit goes to comp_sum_block instead.
 inline constexpr float kFlatFloor = 1e-17f;
+inline constexpr float kFlatLowest = -87.0f;  // exp(-87) = 1.6e-38, above the smallest normal
 
 // The row of lane l of flat register k, for rows of C classes: the permute that spreads
 // per-row factors over the flat lanes.
@@ -507,15 +595,13 @@ double comp_sum_flat(const CompSumJob<float>& job, Index begin, Index end) {
   constexpr __mmask16 kRow = (1u << C) - 1;
   const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i row_starts = _mm512_mullo_epi32(lanes, _mm512_set1_epi32(C));
-  // Without weights and at tau = 1 the label's term b is the same on every counted row.
-  using One = Eigen::Array<float, 1, 1>;
-  const bool uniform_b = job.class_weight == nullptr && job.tau == 1;
-  const __m512 b_all = _mm512_set1_ps(comp_sum_terms(job, One(0), One(0), One(0), One(1), One(1)).b(0));
   constexpr Index kAhead = 128;  // rows prefetched ahead by the exps' stage (64 and 256 were no faster)
   alignas(64) float e[kFlatChunk * C];  // the chunk's exps, in the rows' layout
   alignas(64) int label_at[kFlatChunk];  // each row's label as a lane of its block's registers, -1 if ignored
+  alignas(64) std::uint16_t other_classes[kFlatChunk];  // each row's classes but its label, as a lane mask
   // Lanes past the last block of a short chunk keep harmless values (their results are dropped).
-  Lanes shift = Lanes::Zero(), sum = Lanes::Ones(), h_y = Lanes::Zero(), active = Lanes::Zero(), v_y = Lanes::Zero();
+  Lanes shift = Lanes::Zero(), sum = Lanes::Ones(), others = Lanes::Zero(), e_y = Lanes::Zero(), h_y = Lanes::Zero(),
+        active = Lanes::Zero(), v_y = Lanes::Zero();
   // Streaming stores here need 64-byte alignment: rows of 16 C floats keep the gradient's.
   const bool stream = streams_gradient(job) && reinterpret_cast<std::uintptr_t>(job.grad) % 64 == 0;
   double total = 0;
@@ -525,9 +611,15 @@ double comp_sum_flat(const CompSumJob<float>& job, Index begin, Index end) {
     for (int q = 0; q < blocks; ++q) {
       const Index row = first + 16 * q;
       const float* x = job.logits + row * C;
-      __m512 m = _mm512_loadu_ps(x);
-      for (int k = 1; k < C; ++k) m = _mm512_max_ps(m, _mm512_loadu_ps(x + 16 * k));
-      _mm512_store_ps(shift.data() + 16 * q, _mm512_set1_ps(_mm512_reduce_max_ps(m)));
+      __m512 m = _mm512_loadu_ps(x), lo = m;
+      for (int k = 1; k < C; ++k) {
+        const __m512 v = _mm512_loadu_ps(x + 16 * k);
+        m = _mm512_max_ps(m, v);
+        lo = _mm512_min_ps(lo, v);
+      }
+      const __m512 largest = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+      _mm512_store_ps(shift.data() + 16 * q, largest);
+      if (_mm512_cmp_ps_mask(lo, _mm512_add_ps(largest, _mm512_set1_ps(kFlatLowest)), _CMP_LT_OQ)) fallback |= 1u << q;
     }
     for (int q = 0; q < blocks; ++q) {
       const Index row = first + 16 * q;
@@ -541,23 +633,30 @@ double comp_sum_flat(const CompSumJob<float>& job, Index begin, Index end) {
       }
       const __m512 s = _mm512_load_ps(shift.data() + 16 * q);
       const float largest = shift(16 * q);
-      __m512 v[C];
+      __m512 v[C], ex[C];
       for (int k = 0; k < C; ++k) {
         v[k] = _mm512_loadu_ps(x + 16 * k);
-        _mm512_store_ps(e + 16 * (q * C + k), pexp_nonpositive(_mm512_sub_ps(v[k], s)));
+        ex[k] = pexp_nonpositive(_mm512_sub_ps(v[k], s));
+        _mm512_store_ps(e + 16 * (q * C + k), ex[k]);
       }
-      // The label's logit (class 0 for ignored rows): lane j takes flat lane j C + y_j from the
-      // pair of registers that holds it (a gather, or scalar loads, cost twice as much).
+      // The label's logit and exp (class 0 for ignored rows): lane j takes flat lane j C + y_j from
+      // the pair of registers that holds it (a gather, or scalar loads, cost twice as much).
       const __m512i y = _mm512_loadu_si512(job.labels + row);
       const __mmask16 counted = _mm512_cmpneq_epi32_mask(y, _mm512_set1_epi32(job.ignore_index));
       const __m512i column = _mm512_maskz_mov_epi32(counted, y);
       const __m512i at = _mm512_add_epi32(row_starts, column), pair = _mm512_srli_epi32(at, 5);
-      __m512 label_logit = _mm512_setzero_ps();
+      __m512 label_logit = _mm512_setzero_ps(), label_exp = _mm512_setzero_ps();
       for (int k = 0; k < C; k += 2) {
-        const __m512 both = _mm512_permutex2var_ps(v[k], at, v[k + 1 < C ? k + 1 : k]);
-        label_logit = _mm512_mask_mov_ps(label_logit, _mm512_cmpeq_epi32_mask(pair, _mm512_set1_epi32(k / 2)), both);
+        const int next = k + 1 < C ? k + 1 : k;
+        const __mmask16 here = _mm512_cmpeq_epi32_mask(pair, _mm512_set1_epi32(k / 2));
+        label_logit = _mm512_mask_mov_ps(label_logit, here, _mm512_permutex2var_ps(v[k], at, v[next]));
+        label_exp = _mm512_mask_mov_ps(label_exp, here, _mm512_permutex2var_ps(ex[k], at, ex[next]));
       }
       _mm512_store_ps(h_y.data() + 16 * q, label_logit);
+      _mm512_store_ps(e_y.data() + 16 * q, label_exp);
+      const __m512i label_bit = _mm512_sllv_epi32(_mm512_set1_epi32(1), column);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(other_classes + 16 * q),
+                         _mm512_cvtepi32_epi16(_mm512_andnot_si512(label_bit, _mm512_set1_epi32(kRow))));
       _mm512_store_si512(label_at + 16 * q, _mm512_mask_mov_epi32(_mm512_set1_epi32(-1), counted, at));
       const __m512 on = _mm512_maskz_mov_ps(counted, _mm512_set1_ps(1));
       _mm512_store_ps(active.data() + 16 * q, on);
@@ -565,24 +664,34 @@ double comp_sum_flat(const CompSumJob<float>& job, Index begin, Index end) {
                       job.class_weight ? _mm512_mask_i32gather_ps(_mm512_setzero_ps(), counted, column, job.class_weight, 4) : on);
       if (!std::isfinite(largest)) fallback |= 1u << q;
     }
-    // The row sums, each row read back by a masked load (the exps' stores are done by now).
+    // The row sums, each row read back by a masked load (the exps' stores are done by now)
+    // without its label: the others' sum gives 1 - p_y to full precision (see comp_sum_row).
+    // Their negative takes the label's place among the exps, so that the gradient stage
+    // scales every entry alike: a p_j at j != y, -a (1 - p_y) = a p_y - b at the label (a = b).
     for (int q = 0; q < blocks; ++q) {
       __m512 rows[16];
-      for (int j = 0; j < 16; ++j) rows[j] = _mm512_maskz_loadu_ps(kRow, e + 16 * q * C + j * C);
-      const __m512 sums = sum_lanes16(rows);
+      for (int j = 0; j < 16; ++j) rows[j] = _mm512_maskz_loadu_ps(other_classes[16 * q + j], e + 16 * q * C + j * C);
+      const __m512 rest = sum_lanes16(rows), sums = _mm512_add_ps(rest, _mm512_load_ps(e_y.data() + 16 * q));
       _mm512_store_ps(sum.data() + 16 * q, sums);
+      _mm512_store_ps(others.data() + 16 * q, rest);
+      if (job.grad != nullptr) {
+        const __m512i at = _mm512_load_si512(label_at + 16 * q);
+        _mm512_mask_i32scatter_ps(e + 16 * q * C, _mm512_cmpge_epi32_mask(at, _mm512_setzero_si512()), at,
+                                  _mm512_sub_ps(_mm512_setzero_ps(), rest), 4);
+      }
       if (_mm512_cmp_ps_mask(sums, _mm512_set1_ps(kFlatFloor), _CMP_GE_OQ) != 0xFFFF) fallback |= 1u << q;
     }
     Lanes log_s;  // a block that falls back may hold a sum of 0 or NaN: its values are dropped below
     for (int k = 0; k < kFlatChunk; k += 16) {
       _mm512_store_ps(log_s.data() + k, log_positive_normal(_mm512_load_ps(sum.data() + k)));
     }
-    auto terms = comp_sum_terms(job, Lanes(h_y - shift - log_s), log_s, Lanes(Lanes::Zero()), v_y, active);
+    auto terms = comp_sum_terms(job, log_p_y(job, Lanes(h_y - shift), log_s, e_y, others), log_s, Lanes(Lanes::Zero()),
+                                v_y, active);
     for (int q = blocks; q < kFlatChunk / 16; ++q) terms.value.template segment<16>(16 * q).setZero();
     for (int q = 0; q < blocks; ++q) {
       if (fallback >> q & 1) {
         terms.value.template segment<16>(16 * q).setZero();
-        total += comp_sum_block(job, first + 16 * q, 16);
+        total += comp_sum_block(job, first + 16 * q, 16, end);
       } else if (job.per_sample != nullptr) {
         Eigen::Map<Eigen::Array<float, 16, 1>>(job.per_sample + first + 16 * q) = terms.value.template segment<16>(16 * q);
       }
@@ -592,17 +701,11 @@ double comp_sum_flat(const CompSumJob<float>& job, Index begin, Index end) {
     const Lanes scale = terms.a / sum;
     for (int q = 0; q < blocks; ++q) {
       if (fallback >> q & 1) continue;
-      const __m512 a = _mm512_load_ps(scale.data() + 16 * q), b = _mm512_load_ps(terms.b.data() + 16 * q);
-      const __m512i at = _mm512_load_si512(label_at + 16 * q);
+      const __m512 a = _mm512_load_ps(scale.data() + 16 * q);
       float* g = job.grad + (first + 16 * q) * C;
       for (int k = 0; k < C; ++k) {
-        // a p - b at the lanes where the row's label lands, a p elsewhere.
-        const __m512i lane_row = _mm512_loadu_si512(rows_of[k]);
-        const __mmask16 at_label = _mm512_cmpeq_epi32_mask(_mm512_permutexvar_epi32(lane_row, at),
-                                                           _mm512_add_epi32(_mm512_set1_epi32(16 * k), lanes));
-        const __m512 ap = _mm512_mul_ps(_mm512_load_ps(e + 16 * (q * C + k)), _mm512_permutexvar_ps(lane_row, a));
-        const __m512 b_k = uniform_b ? b_all : _mm512_permutexvar_ps(lane_row, b);
-        const __m512 gradient = _mm512_mask_sub_ps(ap, at_label, ap, b_k);
+        const __m512 gradient = _mm512_mul_ps(_mm512_load_ps(e + 16 * (q * C + k)),
+                                              _mm512_permutexvar_ps(_mm512_loadu_si512(rows_of[k]), a));
         if (stream) {
           _mm512_stream_ps(g + 16 * k, gradient);
         } else {
@@ -658,8 +761,9 @@ double comp_sum_rows(const CompSumJob<S>& job) {
       if (begin < whole) total += flat(job, begin * lanes, whole * lanes);
       begin = std::max(begin, whole);
     }
+    const Index last_row = std::min(job.rows, end * lanes);  // past the rows of this call (small)
     for (Index u = begin; u < end; ++u) {
-      total += small ? comp_sum_block(job, u * lanes, std::min(lanes, job.rows - u * lanes))
+      total += small ? comp_sum_block(job, u * lanes, std::min(lanes, job.rows - u * lanes), last_row)
                      : comp_sum_row(job, u, stream ? scratch.data() : nullptr);
     }
     if (stream) stream_fence();

@@ -35,6 +35,7 @@
 #include <limits>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include <Eigen/Core>
 
@@ -59,19 +60,7 @@ class CompSumLoss {
   using Scalar = S;
   using Options = CompSumOptions<S>;
 
-  explicit CompSumLoss(Options options = {}) : options_(std::move(options)) {
-    constexpr const char* function = "CompSumLoss";
-    detail::require_finite(function, "options.tau", options_.tau);
-    detail::require_nonnegative(function, "options.tau", options_.tau);
-    detail::require_in_range(function, "options.label_smoothing", options_.label_smoothing, S(0), S(1), true);
-    detail::require(options_.label_smoothing == 0 || options_.tau == 1, function, "options.label_smoothing",
-                    "0 unless tau = 1 (label smoothing is defined for cross-entropy)", options_.label_smoothing);
-    for (Index j = 0; j < options_.weight.size(); ++j) {
-      detail::require(options_.weight(j) >= 0 && std::isfinite(options_.weight(j)), function, "options.weight",
-                      "finite entries >= 0", options_.weight(j));
-    }
-    weight_sum_ = options_.weight.sum();
-  }
+  explicit CompSumLoss(Options options = {}) : CompSumLoss(std::move(options), "CompSumLoss") {}
 
   const Options& options() const { return options_; }
 
@@ -100,6 +89,27 @@ class CompSumLoss {
     evaluate(function, logits, labels, nullptr, 0, per_sample.data());
   }
 
+ protected:
+  // The named members validate under their own names.
+  CompSumLoss(Options options, const char* function) : options_(std::move(options)) {
+    detail::require_finite(function, "options.tau", options_.tau);
+    detail::require_nonnegative(function, "options.tau", options_.tau);
+    detail::require_reduction(function, options_.reduction);
+    detail::require_in_range(function, "options.label_smoothing", options_.label_smoothing, S(0), S(1), true);
+    detail::require(options_.label_smoothing == 0 || options_.tau == 1, function, "options.label_smoothing",
+                    "0 unless tau = 1 (label smoothing is defined for cross-entropy)", options_.label_smoothing);
+    long double sum = 0;
+    for (Index j = 0; j < options_.weight.size(); ++j) {
+      detail::require(options_.weight(j) >= 0 && std::isfinite(options_.weight(j)), function, "options.weight",
+                      "finite entries >= 0", options_.weight(j));
+      sum += options_.weight(j);
+    }
+    // Label smoothing spreads over every class: its term needs the total weight as an S.
+    detail::require(options_.label_smoothing == 0 || sum <= std::numeric_limits<S>::max(), function, "options.weight",
+                    "entries whose sum is finite in the scalar type (label smoothing weighs every class)", double(sum));
+    weight_sum_ = S(sum);
+  }
+
  private:
   template <class D>
   S evaluate(const char* function, const Eigen::MatrixBase<D>& logits, const Eigen::Ref<const Labels>& labels,
@@ -125,13 +135,30 @@ class CompSumLoss {
     if (bad) detail::require_labels(function, "labels", labels, classes, options_.ignore_index, true);
 
     const bool mean = options_.reduction == Reduction::Mean && per_sample == nullptr;
-    double denominator = double(counted);
+    long double denominator = counted;  // long double: a sum of large double weights stays finite
     if (mean && weighted) {
       denominator = 0;
       for (Index i = 0; i < n; ++i) {
         const int y = labels(i);
-        if (y != options_.ignore_index) denominator += double(options_.weight(y));
+        if (y != options_.ignore_index) denominator += options_.weight(y);
       }
+    }
+    if (mean && denominator == 0) {  // nothing counted: NaN like PyTorch, zero gradient
+      if (grad != nullptr) Eigen::Map<RowMatrix<S>, 0, Eigen::OuterStride<>>(grad, n, classes, {ld_grad}).setZero();
+      return std::numeric_limits<S>::quiet_NaN();
+    }
+    const long double scale = mean ? 1 / denominator : 1;
+    const S* weight = weighted ? options_.weight.data() : nullptr;
+    S weight_sum = weighted ? weight_sum_ : S(classes), job_scale = S(scale);
+    // A mean whose 1/denominator is no normal S (huge or denormal weights) scales the weights
+    // instead, each v_j / denominator rounded once: v_y / denominator <= 1 for a counted label.
+    std::vector<S> scaled;
+    if (weighted && !std::isnormal(job_scale)) {
+      scaled.resize(std::size_t(classes));
+      for (Index j = 0; j < classes; ++j) scaled[std::size_t(j)] = S(options_.weight(j) * scale);
+      weight = scaled.data();
+      weight_sum = S(weight_sum_ * scale);
+      job_scale = 1;
     }
     const detail::CompSumJob<S> job{
         .logits = h.data(),
@@ -140,19 +167,15 @@ class CompSumLoss {
         .cols = classes,
         .labels = labels.data(),
         .ignore_index = options_.ignore_index,
-        .class_weight = weighted ? options_.weight.data() : nullptr,
-        .class_weight_sum = weighted ? weight_sum_ : S(classes),
+        .class_weight = weight,
+        .class_weight_sum = weight_sum,
         .tau = options_.tau,
         .smoothing = options_.label_smoothing,
-        .scale = mean && denominator > 0 ? S(1 / denominator) : S(1),
+        .scale = job_scale,
         .grad = grad,
         .ld_grad = ld_grad,
         .per_sample = per_sample,
     };
-    if (mean && denominator == 0) {  // nothing counted: NaN like PyTorch, zero gradient
-      if (grad != nullptr) Eigen::Map<RowMatrix<S>, 0, Eigen::OuterStride<>>(grad, n, classes, {ld_grad}).setZero();
-      return std::numeric_limits<S>::quiet_NaN();
-    }
     return S(detail::comp_sum_rows(job));
   }
 
@@ -193,7 +216,8 @@ class CrossEntropyLoss : public CompSumLoss<S> {
 
   explicit CrossEntropyLoss(Options o = {})
       : CompSumLoss<S>({.tau = 1, .reduction = o.reduction, .weight = std::move(o.weight),
-                        .ignore_index = o.ignore_index, .label_smoothing = o.label_smoothing}) {}
+                        .ignore_index = o.ignore_index, .label_smoothing = o.label_smoothing},
+                       "CrossEntropyLoss") {}
 };
 
 // 1/p_y - 1 = sum_{j != y} exp(h_j - h_y) (tau = 0).
@@ -203,7 +227,8 @@ class SumExponentialLoss : public CompSumLoss<S> {
   using Options = FixedTauOptions<S>;
 
   explicit SumExponentialLoss(Options o = {})
-      : CompSumLoss<S>({.tau = 0, .reduction = o.reduction, .weight = std::move(o.weight), .ignore_index = o.ignore_index}) {}
+      : CompSumLoss<S>({.tau = 0, .reduction = o.reduction, .weight = std::move(o.weight), .ignore_index = o.ignore_index},
+                       "SumExponentialLoss") {}
 };
 
 // (1 - p_y^q)/q (tau = 1 + q).
@@ -214,7 +239,8 @@ class GeneralizedCrossEntropyLoss : public CompSumLoss<S> {
 
   explicit GeneralizedCrossEntropyLoss(Options o = {})
       : CompSumLoss<S>({.tau = 1 + checked_q(o.q), .reduction = o.reduction, .weight = std::move(o.weight),
-                        .ignore_index = o.ignore_index}) {}
+                        .ignore_index = o.ignore_index},
+                       "GeneralizedCrossEntropyLoss") {}
 
  private:
   static S checked_q(S q) {
@@ -230,7 +256,8 @@ class MeanAbsoluteErrorLoss : public CompSumLoss<S> {
   using Options = FixedTauOptions<S>;
 
   explicit MeanAbsoluteErrorLoss(Options o = {})
-      : CompSumLoss<S>({.tau = 2, .reduction = o.reduction, .weight = std::move(o.weight), .ignore_index = o.ignore_index}) {}
+      : CompSumLoss<S>({.tau = 2, .reduction = o.reduction, .weight = std::move(o.weight), .ignore_index = o.ignore_index},
+                       "MeanAbsoluteErrorLoss") {}
 };
 
 }  // namespace gradus
