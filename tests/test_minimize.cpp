@@ -332,6 +332,11 @@ TEST_CASE("minimize and ModelObjective reject bad input", "[minimize][errors]") 
                   gradus::invalid_argument);
   CHECK_THROWS_AS(make_objective(LinearModel<double>(3, 1), LogisticLoss<double>{}, X, y, {.l2 = -1}),
                   gradus::invalid_argument);
+  CHECK_NOTHROW(make_objective(LinearModel<double>(3, 1), LogisticLoss<double>{}, X, y,
+                               {.l2 = std::numeric_limits<double>::max()}));
+  CHECK_THROWS_WITH(make_objective(LinearModel<double>(3, 1), LogisticLoss<double>{}, X, y,
+                                   {.l2 = std::numeric_limits<double>::infinity()}),
+                    "gradus::ModelObjective: argument 'options.l2': expected a finite value >= 0, got inf");
   // Labels out of the loss's range are the loss's to reject.
   Labels bad = y;
   bad(0) = 7;

@@ -42,7 +42,8 @@ class ModelObjective {
     detail::require_nonempty("ModelObjective", "X", X_.rows());
     detail::require_size("ModelObjective", "X", X_.cols(), model_.num_inputs(), "columns (model num_inputs)");
     detail::require_size("ModelObjective", "y", y_.size(), X_.rows(), "entries (rows of X)");
-    detail::require_nonnegative("ModelObjective", "options.l2", options_.l2);
+    detail::require(options_.l2 >= S(0) && options_.l2 - options_.l2 == S(0), "ModelObjective", "options.l2",
+                    "a finite value >= 0", options_.l2);
   }
 
   Index dim() const { return model_.num_params(); }
@@ -77,10 +78,12 @@ class ModelObjective {
   // Copies the rows listed in batch into batch_X() / batch_y() (validated).
   void gather(std::span<const Index> batch) const {
     detail::require_nonempty("ModelObjective::value_and_grad", "batch", static_cast<Index>(batch.size()), "indices");
+    for (const Index row : batch) {
+      detail::require_in_range("ModelObjective::value_and_grad", "batch", row, Index(0), X_.rows());
+    }
     X_batch_.resize(static_cast<Index>(batch.size()), X_.cols());
     y_batch_.resize(static_cast<Index>(batch.size()));
     for (std::size_t i = 0; i < batch.size(); ++i) {
-      detail::require_in_range("ModelObjective::value_and_grad", "batch", batch[i], Index(0), X_.rows());
       X_batch_.row(static_cast<Index>(i)) = X_.row(batch[i]);
       y_batch_(static_cast<Index>(i)) = y_(batch[i]);
     }
