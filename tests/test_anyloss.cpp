@@ -771,3 +771,236 @@ TEST_CASE("AnyLoss rejects bad input with gradus::invalid_argument", "[anyloss]"
     CHECK(g.allFinite());
   }
 }
+
+namespace {
+
+template <class S>
+S largest_amplify() {
+  return std::numeric_limits<S>::max() / 2;
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("AnyLoss amplify at the edges of (0, max/2]", "[anyloss]", float, double) {
+  using S = TestType;
+  using limits = std::numeric_limits<S>;
+  // amplify = max(S) made 2 L overflow: a NaN gradient beside a finite value.
+  const Index n = 9;
+  Vector<S> z(n);
+  z << -2, -1, 0, 1, 2, -0.5, 0.5, 0, 3;
+  const Labels y = make_labels(n, 2);
+  RowMatrix<S> Z(n, 3);
+  for (Index i = 0; i < Z.size(); ++i) Z.data()[i] = S(i % 5) - 2;
+  for (const Metric metric : kMetrics) {
+    INFO("metric " << int(metric));
+    for (const bool logits : {true, false}) {
+      const AnyLossOptions<S> o{.metric = metric,
+                                .amplify = largest_amplify<S>(),
+                                .input = logits ? AnyLossInput::Logits : AnyLossInput::Probabilities};
+      const Vector<S> input = logits ? z : Vector<S>(sigmoid(z.template cast<double>()).template cast<S>());
+      Vector<S> grad(n);
+      const S value = AnyLoss<S>(o).value_and_grad(input, y, grad);
+      // At this L, A is a step: a = 1 above p = 1/2, 0 below, 1/2 at z = 0 (rows 2 and 7).
+      const Soft k = soft_counts(sigmoid(z.template cast<double>()), y, double(o.amplify));
+      CHECK(double(value) == Approx(1 - ConfusionMetric{metric}(k.tp, k.fn, k.fp, k.tn)).margin(1e-6));
+      CHECK(grad.allFinite());
+      RowMatrix<S> dZ(n, 3);
+      const RowMatrix<S> P =
+          logits ? Z : RowMatrix<S>((Z.array().exp().colwise() / Z.array().exp().rowwise().sum()).matrix());
+      CHECK(std::isfinite(AnyLoss<S>(o).value_and_grad(P, make_labels(n, 3), dZ)));
+      CHECK(dZ.allFinite());
+    }
+  }
+  // The smallest L: a = 1/2 everywhere, the loss of half counts, a gradient of (almost) 0.
+  Vector<S> grad(n);
+  const S value = AnyLoss<S>({.metric = Metric::Accuracy, .amplify = limits::denorm_min()}).value_and_grad(z, y, grad);
+  CHECK(value == Approx(0.5));
+  CHECK(grad.allFinite());
+  for (const S L : {std::nextafter(largest_amplify<S>(), limits::infinity()), limits::max(), limits::infinity(), S(0),
+                    S(-0.0), limits::quiet_NaN()}) {
+    INFO("L " << double(L));
+    CHECK_THROWS_AS(AnyLoss<S>({.amplify = L}), gradus::invalid_argument);
+    CHECK_THROWS_AS(any_loss<S>(mcc, {.amplify = L}), gradus::invalid_argument);
+  }
+}
+
+TEST_CASE("AnyLoss multi-class compares class indices exactly, also beyond 2^24 in float", "[anyloss]") {
+  // As floats, 16777217 and 16777216 are one number: such classes collided.
+  constexpr Index kSize = detail::kPacketSize<float>;
+  Labels labels(kSize + 1);
+  for (Index i = 0; i < labels.size(); ++i) labels(i) = 16777216 + int(i % 3);
+  for (const Index q : {Index(0), Index(1)}) {
+    const auto y = detail::panel_labels<float>(labels, q);
+    for (const int c : {16777216, 16777217, 16777218, -1}) {
+      alignas(64) float mask[kSize];
+      Eigen::internal::pstore(mask, detail::lanes_of_class<float>(y, c));
+      for (Index j = 0; j < kSize; ++j) {
+        const Index row = q * kSize + j;
+        const bool expected = row < labels.size() ? labels(row) == c : c == -1;  // -1: the padding
+        CHECK(std::isnan(mask[j]) == expected);  // all bits set: a NaN
+      }
+    }
+  }
+}
+
+TEMPLATE_TEST_CASE("AnyLoss: infinite partials at a saturated class give a zero gradient, not an error",
+                   "[anyloss]", float, double) {
+  using S = TestType;
+  // L large enough that A(0) = exp(-L/2) underflows to 0: every positive at p = 0 makes TP = 0
+  // exactly, where G-mean's sqrt has an infinite partial. This used to throw (as if the metric
+  // were undefined) although the value is 1 and every chain factor of the positives is 0.
+  const S L = std::is_same_v<S, float> ? S(300) : S(1600);
+  const Index n = 17;
+  const Labels y = make_labels(n, 2);
+  Vector<S> p(n), grad(n);
+  for (Index i = 0; i < n; ++i) p(i) = y(i) == 1 ? S(0) : S(0.25) + S(i) / 64;
+  const AnyLoss<S> gmean({.metric = Metric::GMean, .amplify = L, .input = AnyLossInput::Probabilities});
+  CHECK(gmean.value_and_grad(p, y, grad) == 1);
+  CHECK(grad.allFinite());
+  CHECK(grad.isZero(0));  // positives: zero chain factors; negatives: TP = 0 makes dG/dTN = 0
+  // The same through logits and with the stabilizer.
+  const Vector<S> z = p.unaryExpr([](S v) { return v == 0 ? S(-1e4) : S(0); });
+  CHECK(AnyLoss<S>({.metric = Metric::GMean, .amplify = L, .stabilizer = S(1e-5)}).value_and_grad(z, y, grad) == 1);
+  CHECK(grad.allFinite());
+  // A user metric with sqrt at FN = 0: every positive at p = 1 (1 - a underflows to 0).
+  const auto miss_root = [](auto tp, auto fn, auto fp, auto tn) { return (tn / (tn + fp)) * (1 - sqrt(fn / (tp + fn))); };
+  Vector<S> q = p;
+  for (Index i = 0; i < n; ++i) q(i) = y(i) == 1 ? S(1) : p(i);
+  const auto user = any_loss<S>(miss_root, {.amplify = L, .input = AnyLossInput::Probabilities});
+  const S value = user.value_and_grad(q, y, grad);
+  CHECK(std::isfinite(value));
+  CHECK(grad.allFinite());
+  for (Index i = 0; i < n; ++i)
+    if (y(i) == 1) CHECK(grad(i) == 0);
+  // Multi-class: class 1's positives all at p = 0.
+  const Index c = 3;
+  const Labels yc = make_labels(n, c);
+  RowMatrix<S> P(n, c), dP(n, c);
+  for (Index i = 0; i < n; ++i) {
+    P.row(i) << S(0.5), S(0.25), S(0.25);
+    if (yc(i) == 1) P.row(i) << S(0.75), S(0), S(0.25);
+  }
+  const S multi = AnyLoss<S>({.metric = Metric::GMean, .amplify = L, .input = AnyLossInput::Probabilities})
+                      .value_and_grad(P, yc, dP);
+  CHECK(std::isfinite(multi));
+  CHECK(dP.allFinite());
+  // An infinite partial at a class that is not saturated still throws: sqrt(TP - FP) at TP = FP.
+  const auto root_gap = [](auto tp, auto, auto fp, auto) { return sqrt(tp - fp); };
+  Labels pair(2);
+  pair << 1, 0;
+  const Vector<S> same = Vector<S>::Constant(2, S(0.5));
+  Vector<S> g2(2);
+  CHECK_THROWS_AS(any_loss<S>(root_gap, {.amplify = 10, .input = AnyLossInput::Probabilities}).value_and_grad(same, pair, g2),
+                  gradus::invalid_argument);
+}
+
+TEMPLATE_TEST_CASE("AnyLoss: slopes beyond float's range keep the gradient finite and correct", "[anyloss]", float,
+                   double) {
+  using S = TestType;
+  // L = 200 and p at 0 or 1: 1 - a or a is e^-100 = 3.7e-44, a float denormal. The slopes
+  // (1/TN, or precision's 1/(TP + FP)) then exceed float's range: as floats they were inf, and
+  // inf times a chain factor of 0 was NaN.
+  const S L = 200;
+  const Index n = 33;
+  const Labels y = make_labels(n, 2);
+  const double negatives = double((y.array() == 0).count()), positives = double(n) - negatives;
+  const auto log_tn = [](auto, auto, auto, auto tn) {
+    using std::log;
+    return log(tn);
+  };
+  Vector<S> grad(n);
+  const auto on_probabilities = AnyLossOptions<S>{.amplify = L, .input = AnyLossInput::Probabilities};
+  const S value = any_loss<S>(log_tn, on_probabilities).value_and_grad(Vector<S>::Ones(n), y, grad);
+  CHECK(std::isfinite(value));
+  REQUIRE(grad.allFinite());
+  // dloss/dp_i = L a_i (1 - a_i) / TN = L a_i / negatives on the negatives, 0 on the positives.
+  for (Index i = 0; i < n; ++i) CHECK(double(grad(i)) == Approx(y(i) == 1 ? 0.0 : double(L) / negatives).epsilon(1e-5));
+  // Logits at 1e4: chain factors p (1 - p) of 0.
+  CHECK(std::isfinite(any_loss<S>(log_tn, {.amplify = L}).value_and_grad(Vector<S>::Constant(n, S(1e4)), y, grad)));
+  CHECK(grad.allFinite());
+  // F_beta at beta -> 0 is precision: with every p = 0, TP + FP = N e^-100.
+  const AnyLoss<S> precision({.metric = Metric::FBeta, .amplify = L, .beta = std::numeric_limits<S>::denorm_min(),
+                              .input = AnyLossInput::Probabilities});
+  CHECK(double(precision.value_and_grad(Vector<S>::Zero(n), y, grad)) == Approx(1 - positives / double(n)).epsilon(1e-6));
+  REQUIRE(grad.allFinite());
+  // dprecision/da: FP / (TP + FP)^2 on positives, -TP / (TP + FP)^2 on negatives; times L a (1 - a).
+  for (Index i = 0; i < n; ++i) {
+    const double expected = (y(i) == 1 ? -negatives : positives) * double(L) / (double(n) * double(n));
+    CHECK(double(grad(i)) == Approx(expected).epsilon(1e-5));
+  }
+  // Multi-class: every row at p = (1, 0, 0): class 0's TN is tiny, its slope beyond float.
+  const Index c = 3;
+  RowMatrix<S> P = RowMatrix<S>::Zero(n, c), dP(n, c);
+  P.col(0).setOnes();
+  const Labels yc = make_labels(n, c);
+  CHECK(std::isfinite(any_loss<S>(log_tn, on_probabilities).value_and_grad(P, yc, dP)));
+  REQUIRE(dP.allFinite());
+  const double class0_negatives = double((yc.array() != 0).count());
+  for (Index i = 0; i < n; ++i) {
+    CHECK(double(dP(i, 0)) == Approx(yc(i) == 0 ? 0.0 : double(L) / class0_negatives / double(c)).epsilon(1e-5));
+  }
+}
+
+TEMPLATE_TEST_CASE("AnyLoss beta and stabilizer at the edges of their domains", "[anyloss]", float, double) {
+  using S = TestType;
+  using limits = std::numeric_limits<S>;
+  const Index n = 17;
+  const Labels y = make_labels(n, 2);
+  const Vector<S> p = uniform(n, 1, 0.1, 0.9, 3).col(0).cast<S>();
+  const Soft k = soft_counts(p.template cast<double>(), y, 10);
+  const double recall = k.tp / (k.tp + k.fn), precision = k.tp / (k.tp + k.fp);
+  const double tol = std::is_same_v<S, float> ? 1e-5 : 1e-12;
+  Vector<S> grad(n);
+  // beta^2 overflowed double for beta above 1e154: NaN, reported as an undefined metric.
+  for (const auto& [beta, expected] : {std::pair{limits::max(), recall}, std::pair{S(1e20), recall},
+                                       std::pair{limits::denorm_min(), precision}, std::pair{S(1e-20), precision}}) {
+    INFO("beta " << double(beta));
+    const AnyLoss<S> loss({.metric = Metric::FBeta, .amplify = 10, .beta = beta, .input = AnyLossInput::Probabilities});
+    CHECK(double(loss.value_and_grad(p, y, grad)) == Approx(1 - expected).margin(tol));
+    CHECK(grad.allFinite());
+  }
+  CHECK(ConfusionMetric{Metric::FBeta, 1e200}(8.0, 2.0, 3.0, 7.0) == Approx(0.8).epsilon(1e-15));
+  CHECK(ConfusionMetric{Metric::FBeta, 1e-200}(8.0, 2.0, 3.0, 7.0) == Approx(8.0 / 11).epsilon(1e-15));
+  CHECK(ConfusionMetric{Metric::FBeta, 1.0}(8.0, 2.0, 3.0, 7.0) == Approx(ConfusionMetric{Metric::F1}(8.0, 2.0, 3.0, 7.0)));
+  for (const S beta : {S(0), S(-1), limits::infinity(), limits::quiet_NaN()})
+    CHECK_THROWS_AS(AnyLoss<S>({.beta = beta}), gradus::invalid_argument);
+  // The stabilizer: any finite s >= 0.
+  for (const Metric metric : kMetrics) {
+    for (const S s : {limits::max(), limits::denorm_min()}) {
+      INFO("metric " << int(metric) << ", s " << double(s));
+      const AnyLoss<S> loss({.metric = metric, .amplify = 10, .stabilizer = s});
+      const S value = loss.value_and_grad(p, Labels::Zero(n), grad);  // one class: the stabilizer's case
+      CHECK(std::isfinite(value));
+      CHECK(grad.allFinite());
+    }
+  }
+  for (const S s : {std::nextafter(S(0), S(-1)), limits::infinity(), limits::quiet_NaN()})
+    CHECK_THROWS_AS(AnyLoss<S>({.stabilizer = s}), gradus::invalid_argument);
+}
+
+TEST_CASE("AnyLoss and ConfusionMetric reject enumerators out of range", "[anyloss]") {
+  using Catch::Matchers::Contains;
+  // Metric(9) gave a metric of 0, a loss of 1.
+  CHECK_THROWS_WITH(AnyLoss<double>({.metric = Metric(9)}), Contains("'options.metric'") && Contains("got 9"));
+  CHECK_THROWS_WITH(AnyLoss<float>({.metric = Metric(-1)}), Contains("'options.metric'"));
+  CHECK_THROWS_WITH(AnyLoss<double>({.input = AnyLossInput(2)}), Contains("'options.input'") && Contains("got 2"));
+  CHECK_THROWS_WITH(any_loss<double>(mcc, {.input = AnyLossInput(5)}), Contains("'options.input'"));
+  CHECK_THROWS_WITH(ConfusionMetric{Metric(5)}(1.0, 1.0, 1.0, 1.0),
+                    Contains("ConfusionMetric") && Contains("'metric'") && Contains("got 5"));
+  CHECK_NOTHROW(AnyLoss<double>({.metric = Metric::BalancedAccuracy, .input = AnyLossInput::Probabilities}));
+}
+
+TEMPLATE_TEST_CASE("AnyLoss F1 without positives nor predicted positives is undefined: an error, or 0 with s",
+                   "[anyloss]", float, double) {
+  using S = TestType;
+  // Every a_i exactly 0 (L large, p = 0) on a batch of negatives: F1 = 0 / 0.
+  const S L = std::is_same_v<S, float> ? S(300) : S(1600);
+  const Index n = 9;
+  Vector<S> grad(n);
+  CHECK_THROWS_AS(AnyLoss<S>({.amplify = L, .input = AnyLossInput::Probabilities}).value_and_grad(
+                      Vector<S>::Zero(n), Labels::Zero(n), grad),
+                  gradus::invalid_argument);
+  CHECK(AnyLoss<S>({.amplify = L, .input = AnyLossInput::Probabilities, .stabilizer = S(1e-5)})
+            .value_and_grad(Vector<S>::Zero(n), Labels::Zero(n), grad) == 1);
+  CHECK(grad.isZero(0));
+}

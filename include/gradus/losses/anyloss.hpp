@@ -22,18 +22,23 @@
 // G-mean, balanced accuracy) equal the binary loss on z_1 - z_0; F1 averages both classes' F1.
 //
 // L: the authors' code uses 73 (the default); 10-40 is the stable range on real data, large
-// L collapses training when few p_i lie near 1/2. The stabilizer s (default 0) is the
-// authors' s = 1e-5 added to the denominators that vanish on a one-class batch: with s = 0,
-// a batch where the metric is undefined (G-mean or balanced accuracy without positives or
-// without negatives) throws gradus::invalid_argument, as does any metric whose value or
+// L collapses training when few p_i lie near 1/2. Any L in (0, max(S)/2] is accepted. beta:
+// any finite beta > 0 (b -> 0 tends to precision, b -> inf to recall). The stabilizer s
+// (default 0, any finite s >= 0) is the authors' s = 1e-5 added to the denominators that
+// vanish on a one-class batch: with s = 0, a batch where the metric is undefined (G-mean or
+// balanced accuracy without positives or without negatives, F1 with neither positives nor
+// predicted positives) throws gradus::invalid_argument, as does any metric whose value or
 // partials are not finite on finite counts (a user metric writes its own s where it wants
-// one). Probabilities must lie in [0, 1]; non-finite inputs propagate as NaN. The inputs are
+// one), except where the partials are infinite only at a class whose a_i are all exactly 0
+// or all 1 (G-mean at TP = 0): their chain factors are all 0, and so is their gradient.
+// Probabilities must lie in [0, 1]; non-finite inputs propagate as NaN. The inputs are
 // checked as the pass reads them, so when a call throws, dZ holds unspecified values.
 // An AnyLoss object keeps scratch between calls: use one object per thread.
 
 #include <algorithm>
 #include <cmath>
 #include <concepts>
+#include <limits>
 #include <string>
 #include <string_view>
 #include <type_traits>
@@ -63,6 +68,7 @@ struct ConfusionMetric {
   template <class T>
   T operator()(const T& tp, const T& fn, const T& fp, const T& tn) const {
     using std::sqrt;
+    detail::require_enumerator("ConfusionMetric", "metric", metric, 5);
     const T s(stabilizer);
     switch (metric) {
       case Metric::Accuracy:
@@ -70,22 +76,25 @@ struct ConfusionMetric {
       case Metric::F1:
         return 2 * tp / (2 * tp + fn + fp + s);
       case Metric::FBeta: {
-        const T b2(beta * beta);
-        return (1 + b2) * tp / ((1 + b2) * tp + b2 * fn + fp + s);
+        // Divided through by 1 + b^2, with weights b^2 / (1 + b^2) and 1 / (1 + b^2) formed from
+        // t = min(b^2, 1/b^2) <= 1, so that every beta works: b -> 0 is precision, b -> inf recall.
+        const double t = beta >= 1 ? 1 / (beta * beta) : beta * beta;
+        const double on_fn = (beta >= 1 ? 1 : t) / (1 + t), on_fp = (beta >= 1 ? t : 1) / (1 + t);
+        return tp / (tp + on_fn * fn + on_fp * (fp + s));
       }
       case Metric::GMean:
         return sqrt(tp / (tp + fn + s) * (tn / (tn + fp + s)));
       case Metric::BalancedAccuracy:
         return (tp / (tp + fn + s) + tn / (tn + fp + s)) / 2;
     }
-    return T(0);  // unreachable for a valid enumerator
+    return T(0);  // unreachable: the enumerator was checked
   }
 };
 
 template <class S>
 struct AnyLossOptions {
   Metric metric = Metric::F1;  // ignored when the loss is given a user metric
-  S amplify = 73;              // L; authors' code. 10-40 is the stable range on real data
+  S amplify = 73;              // L in (0, max(S)/2]; authors' code. 10-40 is the stable range on real data
   S beta = 1;                  // for Metric::FBeta
   AnyLossInput input = AnyLossInput::Logits;
   S stabilizer = 0;            // 0: throw where the metric is undefined; authors' value 1e-5
@@ -110,10 +119,17 @@ template <class F>
 MetricSlopes metric_slopes(const F& metric, const SoftCounts& k, std::string_view function, std::string_view which) {
   using D = Dual<double, 4>;
   const D m = metric(D::variable(k.tp, 0), D::variable(k.fn, 1), D::variable(k.fp, 2), D::variable(k.tn, 3));
-  // A class with no sample in the batch has no a_i to differentiate: its slope is unused.
-  const double positive = k.positives > 0 ? m.grad[1] - m.grad[0] : 0;
-  const double negative = k.negatives > 0 ? m.grad[3] - m.grad[2] : 0;
   const bool counts_finite = std::isfinite(k.tp + k.fn + k.fp + k.tn);
+  // A class with no sample in the batch has no a_i to differentiate: its slope is unused. One
+  // whose a_i are all exactly 0 (sum_a = 0) or all 1 has chain factors L a_i (1 - a_i) that are
+  // all 0: its slope multiplies only zeros, so where the metric's partials are infinite there
+  // (G-mean's sqrt at TP = 0) it is 0, as a dual number's zero tangent stays zero.
+  const auto slope = [&](Index samples, double raw, double sum_a, double sum_not_a) {
+    if (samples == 0) return 0.0;
+    return counts_finite && !std::isfinite(raw) && (sum_a == 0 || sum_not_a == 0) ? 0.0 : raw;
+  };
+  const double positive = slope(k.positives, m.grad[1] - m.grad[0], k.tp, k.fn);
+  const double negative = slope(k.negatives, m.grad[3] - m.grad[2], k.fp, k.tn);
   if (counts_finite && !std::isfinite(m.value + positive + negative)) {
     throw_invalid_argument(function, "labels",
                            "a batch on which the metric is defined (or options.stabilizer > 0 for a built-in metric)",
@@ -405,21 +421,69 @@ SoftCounts binary_pass(const S* z, const int* labels, Index n, S L, S* weight, B
   }
 }
 
-// Binary pass 2: w = slope(y) |w|, the label read from the sign of w (pass 1).
+// Whether a slope (a double) keeps its relative precision as an S: 0 or a normal S. Float
+// slopes beyond (a precision's, near no predicted positive; 1/TN for a tiny TN) would turn
+// chain factors of 0 into NaN and tiny ones into infinities.
 template <class S>
-void binary_slopes(S* w, Index n, S positive, S negative) {
+bool fits(double slope) {
+  const double size = std::abs(slope);
+  return size == 0 || (size >= double(std::numeric_limits<S>::min()) && size <= double(std::numeric_limits<S>::max()));
+}
+
+// Binary pass 2: w = slope(y) |w|, the label read from the sign of w (pass 1). Slopes that do
+// not fit S take the scalar loop, in double, for every entry.
+template <class S>
+void binary_slopes(S* w, Index n, double positive, double negative) {
   using namespace Eigen::internal;
   using P = Packet<S>;
   constexpr Index kSize = kPacketSize<S>;
   const P sign_bit = pset1<P>(S(-0.0)), one = pset1<P>(S(1)), zero = pzero(one);
-  const P if_positive = pset1<P>(positive), if_negative = pset1<P>(-negative);
-  const Index whole = n / kSize * kSize;
+  const P if_positive = pset1<P>(S(positive)), if_negative = pset1<P>(S(-negative));
+  const Index whole = fits<S>(positive) && fits<S>(negative) ? n / kSize * kSize : 0;
   for (Index i = 0; i < whole; i += kSize) {
     const P wi = ploadu<P>(w + i);
     const P is_negative = pcmp_lt(por(pand(wi, sign_bit), one), zero);  // +-1 from the sign bit: -0 < 0
     pstoreu(w + i, pmul(wi, pselect(is_negative, if_negative, if_positive)));
   }
-  for (Index i = whole; i < n; ++i) w[i] *= std::signbit(w[i]) ? -negative : positive;
+  for (Index i = whole; i < n; ++i) w[i] = S(double(w[i]) * (std::signbit(w[i]) ? -negative : positive));
+}
+
+// Class indices in SIMD lanes, compared exactly: as int32 beside float lanes (a float holds
+// every integer only up to 2^24), as doubles beside double lanes.
+template <class S>
+struct ClassLanes {
+  using Label = S;
+  using Packet = detail::Packet<S>;
+};
+
+template <>
+struct ClassLanes<float> {
+  using Label = int;
+  using Packet = Eigen::internal::unpacket_traits<detail::Packet<float>>::integer_packet;
+};
+
+// The labels of rows q w .. q w + w - 1 (w the packet width), -1 in the padding of a partial panel.
+template <class S>
+typename ClassLanes<S>::Packet panel_labels(const Eigen::Ref<const Labels>& labels, Index q) {
+  constexpr Index kSize = kPacketSize<S>;
+  alignas(64) typename ClassLanes<S>::Label y[kSize];
+  const Index rows = std::min(kSize, labels.size() - q * kSize);
+  for (Index j = 0; j < rows; ++j) y[j] = labels(q * kSize + j);
+  for (Index j = rows; j < kSize; ++j) y[j] = -1;
+  return Eigen::internal::pload<typename ClassLanes<S>::Packet>(y);
+}
+
+// All bits set in the lanes whose label is c.
+template <class S>
+Packet<S> lanes_of_class(const typename ClassLanes<S>::Packet& y, Index c) {
+  using namespace Eigen::internal;
+  using LabelPacket = typename ClassLanes<S>::Packet;
+  const LabelPacket same = pcmp_eq(y, pset1<LabelPacket>(typename ClassLanes<S>::Label(c)));
+  if constexpr (std::is_same_v<LabelPacket, Packet<S>>) {
+    return same;
+  } else {
+    return preinterpret<Packet<S>>(same);
+  }
 }
 
 // The batch side of AnyLoss, independent of the metric (so it is compiled once per scalar):
@@ -448,7 +512,7 @@ class SoftConfusion {
   const BinaryInputs& binary_inputs() const { return inputs_; }
 
   // dz_i = slope(y_i) * da_i/dz_i, the latter stored by binary_counts.
-  void binary_grad(S positive, S negative, Eigen::Ref<RowMatrix<S>>& dZ) {
+  void binary_grad(double positive, double negative, Eigen::Ref<RowMatrix<S>>& dZ) {
     S* weight = strided_grad_ ? grad_column_.data() : dZ.data();
     binary_slopes(weight, dZ.rows(), positive, negative);
     if (strided_grad_) dZ.col(0) = grad_column_;
@@ -506,12 +570,13 @@ class SoftConfusion {
         pstore(e + i, pexp_nonpositive(pnegate(pabs(t))));
       }
       for (Index k = 0; k < count; ++k) {
-        const P y = panel_labels(labels, first + k), valid = pand(pcmp_le(pzero(y), y), one);  // padding: -1
+        const LabelPacket y = panel_labels<S>(labels, first + k);
+        const P valid = pandnot(one, lanes_of_class<S>(y, -1));  // the padding's label
         for (Index c = 0; c < classes; ++c) {
           const Index i = k * panel + c * kSize;
           const auto a = logistic_from_exp(pload<P>(x + i), pload<P>(e + i));
           if (grad) pstore(da_.data() + first * panel + i, pmul(L_p, pmul(pmul(a.e, a.r), a.r)));
-          const P positive = pand(pcmp_eq(y, pset1<P>(S(c))), one), negative = psub(valid, positive);
+          const P positive = pand(lanes_of_class<S>(y, c), one), negative = psub(valid, positive);
           S* lanes = lanes_.data() + kSums * c * kSize;
           pstore(lanes, pmadd(positive, a.sigma, pload<P>(lanes)));
           pstore(lanes + kSize, pmadd(positive, a.complement, pload<P>(lanes + kSize)));
@@ -541,17 +606,22 @@ class SoftConfusion {
 
   // slopes: C x 2, dloss/da for the class's positives and negatives. dloss/dp = slope * da/dp;
   // with logits, back through the softmax: dz = p (g - <p, g>), the dot product lane-wise.
-  void multiclass_grad(const Eigen::Ref<const Labels>& labels, const Eigen::Array<S, Eigen::Dynamic, 2>& slopes,
+  // Slopes that do not fit S take the scalar loop, in double.
+  void multiclass_grad(const Eigen::Ref<const Labels>& labels, const Eigen::Array<double, Eigen::Dynamic, 2>& slopes,
                        bool logits, Eigen::Ref<RowMatrix<S>>& dZ) {
     using namespace Eigen::internal;
+    if (!slopes.unaryExpr([](double slope) { return fits<S>(slope); }).all()) {
+      return multiclass_grad_in_double(labels, slopes, logits, dZ);
+    }
     constexpr Index kSize = kPacketSize<S>;
     const Index classes = dZ.cols(), panels = (dZ.rows() + kSize - 1) / kSize, panel = classes * kSize;
+    slopes_ = slopes.template cast<S>();
     S* g = x_.data();  // one panel
     for (Index q = 0; q < panels; ++q) {
-      const P y = panel_labels(labels, q);
+      const LabelPacket y = panel_labels<S>(labels, q);
       const S* da = da_.data() + q * panel;
       for (Index c = 0; c < classes; ++c) {
-        const P slope = pselect(pcmp_eq(y, pset1<P>(S(c))), pset1<P>(slopes(c, 0)), pset1<P>(slopes(c, 1)));
+        const P slope = pselect(lanes_of_class<S>(y, c), pset1<P>(slopes_(c, 0)), pset1<P>(slopes_(c, 1)));
         pstore(g + c * kSize, pmul(pload<P>(da + c * kSize), slope));
       }
       if (logits) {
@@ -568,6 +638,28 @@ class SoftConfusion {
 
  private:
   using P = Packet<S>;
+  using LabelPacket = typename ClassLanes<S>::Packet;
+
+
+  // multiclass_grad one row at a time in double, from the same da/dp and p.
+  void multiclass_grad_in_double(const Eigen::Ref<const Labels>& labels,
+                                 const Eigen::Array<double, Eigen::Dynamic, 2>& slopes, bool logits,
+                                 Eigen::Ref<RowMatrix<S>>& dZ) {
+    constexpr Index kSize = kPacketSize<S>;
+    const Index classes = dZ.cols();
+    Eigen::ArrayXd g(classes);
+    for (Index i = 0; i < dZ.rows(); ++i) {
+      const Index at = i / kSize * classes * kSize + i % kSize;  // row i, class 0, in the panel layout
+      double dot = 0;
+      for (Index c = 0; c < classes; ++c) {
+        g(c) = double(da_(at + c * kSize)) * slopes(c, labels(i) == c ? 0 : 1);
+        if (logits) dot += double(probabilities_(at + c * kSize)) * g(c);
+      }
+      for (Index c = 0; c < classes; ++c) {
+        dZ(i, c) = S(logits ? double(probabilities_(at + c * kSize)) * (g(c) - dot) : g(c));
+      }
+    }
+  }
 
   // Panel q of Z (rows q w .. q w + w - 1, w the packet width) transposed into `to`: class c
   // at to + c w, w x w tiles at a time through registers (ptranspose). A partial last tile
@@ -622,21 +714,13 @@ class SoftConfusion {
     }
   }
 
-  // The labels of panel q as S, -1 in the padding of a partial panel.
-  static P panel_labels(const Eigen::Ref<const Labels>& labels, Index q) {
-    constexpr Index kSize = kPacketSize<S>;
-    alignas(64) S y[kSize];
-    const Index rows = std::min(kSize, labels.size() - q * kSize);
-    for (Index j = 0; j < rows; ++j) y[j] = S(labels(q * kSize + j));
-    for (Index j = rows; j < kSize; ++j) y[j] = S(-1);
-    return Eigen::internal::pload<P>(y);
-  }
 
   Vector<S> column_, grad_column_;
   bool strided_grad_ = false;
   BinaryInputs inputs_;
   // Multi-class scratch, panels of C packets: p and da/dp of all rows, one block's stages, lane sums.
   Eigen::Array<S, Eigen::Dynamic, 1> probabilities_, da_, x_, e_, lanes_;
+  Eigen::Array<S, Eigen::Dynamic, 2> slopes_;
   RowMatrix<S> staged_;  // one panel, row-major
   static constexpr int kSums = 5;  // per class: TP, FN, FP, TN and the count of positives
   Eigen::Array<double, Eigen::Dynamic, kSums> counts_;
@@ -693,8 +777,12 @@ class AnyLoss {
 
  private:
   AnyLoss(const Options& options, MetricFn metric) : metric_(std::move(metric)), options_(options) {
-    detail::require_positive("AnyLoss", "options.amplify", options.amplify);
-    detail::require_finite("AnyLoss", "options.amplify", options.amplify);
+    detail::require_enumerator("AnyLoss", "options.metric", options.metric, 5);
+    detail::require_enumerator("AnyLoss", "options.input", options.input, 2);
+    // Up to half the largest S: the kernels form 2 L and L log2(e).
+    const S largest_amplify = std::numeric_limits<S>::max() / 2;
+    detail::require(options.amplify > 0 && options.amplify <= largest_amplify, "AnyLoss", "options.amplify",
+                    "a value in (0, " + detail::to_text(largest_amplify) + "]", options.amplify);
     detail::require_positive("AnyLoss", "options.beta", options.beta);
     detail::require_finite("AnyLoss", "options.beta", options.beta);
     detail::require_nonnegative("AnyLoss", "options.stabilizer", options.stabilizer);
@@ -727,7 +815,7 @@ class AnyLoss {
     if (inputs.largest_label > 1) detail::require_labels(function, "labels", labels, 2);
     if (inputs.outside_unit) require_probabilities(function, name, Z);
     const auto slopes = detail::metric_slopes(metric_, counts, function, "");
-    if (dZ) batch_.binary_grad(static_cast<S>(slopes.positive), static_cast<S>(slopes.negative), *dZ);
+    if (dZ) batch_.binary_grad(slopes.positive, slopes.negative, *dZ);
     return static_cast<S>(1 - slopes.metric);
   }
 
@@ -741,8 +829,8 @@ class AnyLoss {
       const std::string which = "class " + detail::to_text(c) + ": ";
       const auto s = detail::metric_slopes(metric_, batch_.class_counts(c), function, which);
       metric_sum += s.metric;
-      slopes_(c, 0) = static_cast<S>(s.positive / double(classes));
-      slopes_(c, 1) = static_cast<S>(s.negative / double(classes));
+      slopes_(c, 0) = s.positive / double(classes);
+      slopes_(c, 1) = s.negative / double(classes);
     }
     if (dZ) batch_.multiclass_grad(labels, slopes_, logits(), *dZ);
     return static_cast<S>(1 - metric_sum / double(classes));
@@ -764,7 +852,7 @@ class AnyLoss {
   MetricFn metric_;
   Options options_;
   mutable detail::SoftConfusion<S> batch_;  // scratch: one AnyLoss object serves one thread at a time
-  mutable Eigen::Array<S, Eigen::Dynamic, 2> slopes_;
+  mutable Eigen::Array<double, Eigen::Dynamic, 2> slopes_;
 };
 
 template <class S, class MetricFn>
