@@ -4,6 +4,7 @@
 #include <cmath>
 #include <limits>
 #include <random>
+#include <utility>
 #include <string>
 #include <vector>
 
@@ -458,6 +459,188 @@ TEST_CASE("non-finite log-probs propagate NaN", "[preference][errors]") {
   }
 }
 
+namespace {
+
+// The documented bound on |dl/dt| of each kind: beta may go up to the largest S over it.
+template <class S>
+S slope_bound(const PreferenceOptions<S>& o) {
+  const S eps = o.epsilon;
+  switch (o.kind) {
+    case K::Robust: return (1 - eps) / (1 - 2 * eps);
+    case K::ExoPair: return 1 + std::abs(std::log1p(-eps) - std::log(eps)) / 4;
+    case K::DiscoPOP: return 2 + 1 / o.discopop_tau;
+    default: return 1;
+  }
+}
+
+// Options at the edges of each kind's epsilon (and DiscoPOP's tau) domain.
+template <class S>
+std::vector<PreferenceOptions<S>> edge_options(K kind) {
+  const S tiny = std::numeric_limits<S>::denorm_min(), below_half = std::nextafter(S(0.5), S(0));
+  const S below_one = std::nextafter(S(1), S(0)), tau_min = std::numeric_limits<S>::min();
+  std::vector<std::pair<S, S>> edges = {{S(0.2), S(0.05)}};  // (epsilon, tau)
+  if (kind == K::Robust) edges = {{S(0), S(0.05)}, {below_half, S(0.05)}};
+  if (kind == K::Conservative || kind == K::Aot || kind == K::AotUnpaired) edges = {{S(0), S(0.05)}, {S(1), S(0.05)}};
+  if (kind == K::ExoPair) edges = {{tiny, S(0.05)}, {below_one, S(0.05)}};
+  if (kind == K::DiscoPOP) edges = {{S(0), tau_min}, {S(0), S(0.05)}, {S(0), S(1)}};
+  std::vector<PreferenceOptions<S>> out;
+  for (auto [eps, tau] : edges) out.push_back({.kind = kind, .epsilon = eps, .discopop_tau = tau, .reduction = Reduction::Sum});
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("out-of-range kinds and reductions are rejected", "[preference][errors]") {
+  // PreferenceKind(99) used to fall through every branch and leave the outputs unwritten.
+  CHECK_THROWS_WITH(PreferenceLoss<double>({.kind = static_cast<K>(99)}),
+                    "gradus::PreferenceLoss: argument 'options.kind': expected one of its 14 enumerators, got 99");
+  CHECK_THROWS_AS(PreferenceLoss<float>({.kind = static_cast<K>(14)}), gradus::invalid_argument);
+  CHECK_THROWS_AS(PreferenceLoss<float>({.kind = static_cast<K>(-1)}), gradus::invalid_argument);
+  CHECK_NOTHROW(PreferenceLoss<float>({.kind = K::AotUnpaired, .epsilon = 0.1f}));
+  CHECK_THROWS_WITH(PreferenceLoss<double>({.reduction = static_cast<Reduction>(3)}), Catch::Contains("'reduction'"));
+  CHECK_THROWS_AS(PreferenceLoss<double>({.reduction = static_cast<Reduction>(-1)}), gradus::invalid_argument);
+  CHECK_NOTHROW(PreferenceLoss<double>({.reduction = Reduction::None}));
+}
+
+TEMPLATE_TEST_CASE("beta up to the largest S over the kind's slope bound: finite gradients", "[preference][numerics]",
+                   float, double) {
+  using S = TestType;
+  const S max = std::numeric_limits<S>::max();
+  for (K kind : all_kinds) {
+    for (PreferenceOptions<S> options : edge_options<S>(kind)) {
+      INFO(name(kind) << " eps=" << options.epsilon << " tau=" << options.discopop_tau);
+      const S largest = max / slope_bound(options);
+      options.beta = std::nextafter(largest, std::numeric_limits<S>::infinity());  // inf past max
+      CHECK_THROWS_WITH(PreferenceLoss<S>(options), Catch::Contains("'options.beta'"));
+      options.beta = largest;
+      const PreferenceLoss<S> loss(options);
+      // At h = 0 (t = 0): value and gradient of the DPO family are log 2 and beta (c - 1/2).
+      Vector<S> zero = Vector<S>::Zero(3), dpc(3), dpr(3);
+      const S value = loss.value_and_grad(zero, zero, dpc, dpr);
+      CHECK(std::isfinite(value));
+      CHECK(dpc.allFinite());
+      CHECK(dpr.allFinite());
+      if (kind == K::Sigmoid || kind == K::Robust || kind == K::Conservative) {
+        const S eps = options.epsilon;
+        const S c = kind == K::Sigmoid ? S(0) : kind == K::Robust ? -eps / (1 - 2 * eps) : eps;
+        CHECK(value == Approx(3 * std::log(2.0)));
+        CHECK(dpc(0) == Approx(largest * (c - S(0.5))));
+        CHECK(dpr(0) == -dpc(0));
+      }
+    }
+  }
+  // DiscoPOP's tau: (0, 1] with a finite inverse.
+  CHECK_NOTHROW(PreferenceLoss<S>({.kind = K::DiscoPOP, .discopop_tau = S(1)}));
+  CHECK_THROWS_WITH(PreferenceLoss<S>({.kind = K::DiscoPOP, .discopop_tau = std::nextafter(S(1), S(2))}),
+                    Catch::Contains("'options.discopop_tau'"));
+  CHECK_THROWS_AS(PreferenceLoss<S>({.kind = K::DiscoPOP, .discopop_tau = std::numeric_limits<S>::denorm_min()}),
+                  gradus::invalid_argument);
+  CHECK_THROWS_AS(PreferenceLoss<S>({.kind = K::DiscoPOP, .discopop_tau = std::numeric_limits<S>::infinity()}),
+                  gradus::invalid_argument);
+}
+
+// Every kind, edge options, betas up to the largest accepted, finite log-probs whose log-ratios
+// and margins are finite in S (t = beta h may overflow): where the value is finite, so is every
+// gradient, with and without references.
+TEMPLATE_TEST_CASE("a finite preference value has finite gradients", "[preference][numerics]", float, double) {
+  using S = TestType;
+  const S max = std::numeric_limits<S>::max();
+  const std::vector<S> xs = {0, 1, -1, S(1e3), S(-1e3), S(1e10), S(-1e10), S(1e30), S(-1e30), max / 4, -max / 4};
+  long failures = 0, finite_values = 0;
+  for (K kind : all_kinds) {
+    for (PreferenceOptions<S> options : edge_options<S>(kind)) {
+      for (S beta : {std::numeric_limits<S>::denorm_min(), S(1e-30), S(0.1), S(1), S(1e10), S(1e30), max}) {
+        options.beta = std::min(beta, max / slope_bound(options));
+        const PreferenceLoss<S> loss(options);
+        for (S pc : xs) for (S pr : xs) for (S rc : {S(0), S(1e30), -max / 2}) {
+          const S a = pc - rc, h = a - pr;
+          if (!std::isfinite(a) || !std::isfinite(h)) continue;
+          Vector<S> vpc(1), vpr(1), vrc(1), vrr = Vector<S>::Zero(1), g(4), per_pair(1);
+          vpc << pc, vpr << pr, vrc << rc;
+          const S value = loss.value_and_grad(vpc, vpr, vrc, vrr, g.segment(0, 1), g.segment(1, 1), g.segment(2, 1),
+                                              g.segment(3, 1));
+          loss.values(vpc, vpr, vrc, vrr, per_pair);
+          bool ok = std::isfinite(per_pair(0)) == std::isfinite(value) && (!std::isfinite(value) || g.allFinite());
+          if (rc == 0) {  // the reference-free form
+            Vector<S> dpc(1), dpr(1);
+            const S free = loss.value_and_grad(vpc, vpr, dpc, dpr);
+            ok = ok && (!std::isfinite(free) || (std::isfinite(dpc(0)) && std::isfinite(dpr(0))));
+          }
+          finite_values += std::isfinite(value);
+          if (!ok && failures++ < 5) {
+            UNSCOPED_INFO(name(kind) << " eps=" << options.epsilon << " tau=" << options.discopop_tau << " beta="
+                                     << options.beta << " pc=" << pc << " pr=" << pr << " rc=" << rc << ": value "
+                                     << value << ", gradient " << g.transpose());
+          }
+        }
+      }
+    }
+  }
+  CHECK(failures == 0);
+  CHECK(finite_values > 10000);
+}
+
+TEMPLATE_TEST_CASE("Hinge: NaN from infinite inputs, limits where beta h overflows", "[preference][numerics]", float,
+                   double) {
+  using S = TestType;
+  const S inf = std::numeric_limits<S>::infinity(), beta = S(1e30);
+  const PreferenceLoss<S> hinge({.kind = K::Hinge, .beta = beta, .reduction = Reduction::Sum});
+  Vector<S> pc(3), pr = Vector<S>::Zero(3), dpc(3), dpr(3), per_pair(3);
+  pc << S(1e10), S(-1e-20), S(1e-40);  // t = +inf in float (+1e40 in double), -1e10, 1e-10
+  S value = hinge.value_and_grad(pc, pr, dpc, dpr);
+  hinge.values(pc, pr, per_pair);
+  CHECK(per_pair(0) == 0);
+  CHECK(per_pair(1) == Approx(1 + 1e10));
+  CHECK(per_pair(2) == Approx(1 - 1e-10));
+  CHECK(value == Approx(2 + 1e10));
+  CHECK(dpc(0) == 0);
+  CHECK(dpr(0) == 0);
+  CHECK(dpc(1) == -beta);
+  CHECK(dpc(2) == -beta);
+  CHECK(dpr(2) == beta);
+  // Infinite log-probs (inputs or references) propagate as NaN, not as the limit 0.
+  for (S bad : {inf, -inf}) {
+    for (int where = 0; where < 3; ++where) {
+      Vector<S> c = Vector<S>::Zero(1), r = Vector<S>::Zero(1), ref = Vector<S>::Zero(1), g1(1), g2(1), g3(1), g4(1);
+      (where == 0 ? c : where == 1 ? r : ref)(0) = bad;
+      INFO("infinite input " << where << " = " << bad);
+      CHECK(std::isnan(hinge.value_and_grad(c, r, ref, Vector<S>::Zero(1), g1, g2, g3, g4)));
+      CHECK(std::isnan(g1(0)));
+      CHECK(std::isnan(g4(0)));
+      hinge.values(c, r, ref, Vector<S>::Zero(1), per_pair.head(1));
+      CHECK(std::isnan(per_pair(0)));
+    }
+  }
+}
+
+TEMPLATE_TEST_CASE("ExoPair and DiscoPOP keep their limits where beta h overflows", "[preference][numerics]", float,
+                   double) {
+  using S = TestType;
+  const S beta = S(1e10), big = std::is_same_v<S, float> ? S(1e30) : S(1e300);
+  Vector<S> pc(2), pr = Vector<S>::Zero(2), dpc(2), dpr(2), per_pair(2);
+  pc << big, -big;  // t = +inf and -inf
+  const S eps = S(0.1);
+  const PreferenceLoss<S> exo({.kind = K::ExoPair, .beta = beta, .epsilon = eps, .reduction = Reduction::Sum});
+  exo.values(pc, pr, per_pair);
+  exo.value_and_grad(pc, pr, dpc, dpr);
+  CHECK(per_pair(0) == Approx(-std::log1p(-eps)));  // q = 1
+  CHECK(per_pair(1) == Approx(-std::log(eps)));     // q = 0
+  CHECK(dpc.isZero());
+  CHECK(dpr.isZero());
+  for (S tau : {S(0.05), S(1)}) {
+    INFO("tau=" << tau);
+    const PreferenceLoss<S> disco({.kind = K::DiscoPOP, .beta = beta, .discopop_tau = tau, .reduction = Reduction::Sum});
+    disco.values(pc, pr, per_pair);
+    disco.value_and_grad(pc, pr, dpc, dpr);
+    const S tiny = std::numeric_limits<S>::min();  // 0, or a denormal from Eigen's exp
+    CHECK(std::abs(per_pair(0)) <= tiny);
+    CHECK(per_pair(1) == std::numeric_limits<S>::infinity());  // beyond S
+    CHECK(std::abs(dpc(0)) <= beta * tiny);
+    CHECK(dpc(1) == Approx(-beta));  // the DPO slope: m -> 0
+    CHECK(dpr(1) == Approx(beta));
+  }
+}
+
 // ---- Sequence log-probabilities from token logits ----
 
 namespace {
@@ -515,7 +698,7 @@ TEMPLATE_TEST_CASE("sequence log-probs match an explicit log-softmax", "[prefere
       CHECK(mean.value(z, tokens.targets, tokens.mask) ==
             Approx(expected / static_cast<double>(counted)).epsilon(tolerance).margin(tolerance));
     } else {
-      CHECK(std::isnan(mean.value(z, tokens.targets, tokens.mask)));
+      CHECK_THROWS_AS(mean.value(z, tokens.targets, tokens.mask), gradus::invalid_argument);
     }
 
     // Gradient: float against differences of the double implementation.

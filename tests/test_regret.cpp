@@ -451,3 +451,41 @@ TEST_CASE("LinearSelfAttentionPolicy rejects bad input", "[model][errors]") {
   CHECK_THROWS_WITH(model.vjp_params(theta, X, Z, dtheta.head(3)), Catch::Contains("'dtheta'"));
   CHECK_THROWS_WITH(model.vjp_inputs(theta, X, Z, narrow), Catch::Contains("'dX'"));
 }
+
+TEMPLATE_TEST_CASE("RegretLoss at huge N: the worst-sequence limit where N R overflows", "[regret][numerics]", float,
+                   double) {
+  using S = TestType;
+  const S max = std::numeric_limits<S>::max(), inf = std::numeric_limits<S>::infinity();
+  // Regrets 1e9, 2e9 - 1, 3e9 - 1 (times 1e30 overflow in float) and of order 1.
+  RowMatrix<S> large(9, 2), small(9, 2);
+  large << S(1e9), 0, 0, S(1e9), S(1e9), 0, 0, S(2e9), S(3e9), 0, 0, 1, S(4e9), 0, 0, 1, 0, S(1e3);
+  small << 1, 0, 0, 1, 1, 0, 0, 1, 1, 0, 0, S(0.5), 0, 1, 1, 0, 0, 1;
+  const RowMatrix<S> pi = RowMatrix<S>::Constant(9, 2, S(0.5));
+  for (const RowMatrix<S>* l : {&large, &small}) {
+    RowMatrix<S> limit_grad(9, 2);
+    const S limit = RegretLoss<S>({.N = inf}).value_and_grad(*l, pi, 3, limit_grad);
+    for (S N : {S(1e30), max}) {
+      INFO("N=" << N);
+      RowMatrix<S> grad(9, 2);
+      const S value = RegretLoss<S>({.N = N}).value_and_grad(*l, pi, 3, grad);
+      CHECK(value == Approx(limit));
+      CHECK(grad.allFinite());
+      CHECK((grad - limit_grad).cwiseAbs().maxCoeff() <= 1e-6 * limit_grad.cwiseAbs().maxCoeff());
+    }
+  }
+  // All regrets negative: every log f = N R is -inf; the best of them still takes the weight.
+  RowMatrix<S> negative(6, 2);
+  negative << 0, S(1e9), S(1e9), 0, 0, S(1e9), S(2e9), 0, 0, S(2e9), S(2e9), 0;
+  RowMatrix<S> play(6, 2), grad(6, 2);
+  play << 1, 0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 1;
+  Eigen::Matrix<S, Eigen::Dynamic, 1> R(2);
+  regret(negative, play, 3, R);
+  REQUIRE(R.maxCoeff() < 0);
+  const S value = RegretLoss<S>({.N = max}).value_and_grad(negative, play, 3, grad);
+  CHECK(value == 0);  // h(max R) with max R < 0
+  CHECK(grad.allFinite());
+  // N's domain: [0, +infinity].
+  CHECK_NOTHROW(RegretLoss<S>({.N = 0}));
+  CHECK_NOTHROW(RegretLoss<S>({.N = inf}));
+  CHECK_THROWS_WITH(RegretLoss<S>({.N = std::nextafter(S(0), S(-1))}), Catch::Contains("options.N"));
+}

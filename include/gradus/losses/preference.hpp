@@ -40,7 +40,16 @@
 // The reference-free mode (the two-input overloads) uses rc = rr = 0, a uniform reference.
 // Gradients are of the reduced loss with respect to pc and pr, and optionally rc and rr.
 // The metrics TRL logs (mean rewards beta a and beta b, margin, accuracy) come from the same pass.
-// Non-finite inputs propagate NaN to the value and the gradients.
+//
+// Options: beta in (0, S_max / K], where K bounds the slope |dl/dt| of the kind (1, except
+// Robust (1-eps)/(1-2eps), ExoPair 1 + |log((1-eps)/eps)|/4, DiscoPOP 2 + 1/tau), so that every
+// gradient beta l'(t) is finite; DiscoPOP's tau in (0, 1] (above 1 the loss grows exponentially
+// as t -> -inf, and so does its slope); epsilon as above; kind and reduction among their
+// enumerators.
+// Non-finite inputs: NaN propagates to the value and the gradients. An infinite margin gives the
+// DPO family its limits (like PyTorch's logsigmoid), and Hinge NaN; log-ratios pc - rc, pr - rr
+// beyond S's range count as infinite. A finite margin h whose t = beta h overflows S gets each
+// kind's limit at t = +-inf (cDPO and Aot at t = -inf: NaN, from sp(-t) + eps t = inf - inf).
 
 #include <algorithm>
 #include <cmath>
@@ -228,6 +237,8 @@ class PreferenceLoss {
 
   static void validate(const Options& o) {
     constexpr const char* function = "PreferenceLoss";
+    detail::require_enumerator(function, "options.kind", o.kind, 14);
+    detail::require_reduction(function, o.reduction);
     detail::require_positive(function, "options.beta", o.beta);
     detail::require_finite(function, "options.beta", o.beta);
     switch (o.kind) {
@@ -244,10 +255,36 @@ class PreferenceLoss {
                         "a value in (0, 1) for ExoPair (TRL uses 1e-3)", o.epsilon);
         break;
       case PreferenceKind::DiscoPOP:
-        detail::require_positive(function, "options.discopop_tau", o.discopop_tau);
+        // Above 1, m e^-t grows like e^{-t (1 - 1/tau)}: the loss and its slope explode
+        // together, and beta times the slope overflows where the loss is still finite.
+        detail::require(o.discopop_tau > S(0) && o.discopop_tau <= S(1) && std::isfinite(1 / o.discopop_tau),
+                        function, "options.discopop_tau", "a value in (0, 1] with a finite inverse",
+                        o.discopop_tau);
         break;
       default:
         break;
+    }
+    // The gradient is beta l'(t): beta times the steepest slope must be finite.
+    const S largest = std::numeric_limits<S>::max() / max_slope(o);
+    detail::require(o.beta <= largest, function, "options.beta",
+                    "a value <= " + detail::to_text(largest) + " (the largest S over the kind's steepest slope " +
+                        detail::to_text(max_slope(o)) + ", so that gradients stay finite)",
+                    o.beta);
+  }
+
+  // A bound on |dl/dt| over every t (in beta a or beta b for the unpaired kinds; IPO and
+  // SppoHard, whose gradients do not scale with beta, count as 1).
+  static S max_slope(const Options& o) {
+    const S eps = o.epsilon;
+    switch (o.kind) {
+      case PreferenceKind::Robust:  // |c - sigma| <= 1 - c
+        return (1 - eps) / (1 - 2 * eps);
+      case PreferenceKind::ExoPair:  // sigma (1 - sigma) |t - L| <= 1/4 + |L|/4, L = log((1-eps)/eps)
+        return 1 + std::abs(std::log1p(-eps) - std::log(eps)) / 4;
+      case PreferenceKind::DiscoPOP:  // (1-m) sigma + m e^-t <= 2, |m' (e^-t - sp(-t))| <= 1/tau
+        return 2 + 1 / o.discopop_tau;
+      default:
+        return 1;
     }
   }
 
@@ -372,17 +409,24 @@ class PreferenceLoss {
         db = -da;
         break;
       }
-      case PreferenceKind::Hinge:
-        loss = (1 - t).max(S(0));
-        da = (t < S(1)).select(-beta, S(0) * t);  // S(0) * t: NaN stays NaN
+      case PreferenceKind::Hinge: {
+        // Infinite log-ratios give NaN rather than a limit, which would hide them; a finite
+        // margin whose t = beta h overflows gets its limit (0 above, +inf below).
+        const Chunk nan = S(0) * a + S(0) * b;
+        loss = (1 - t).max(S(0)) + nan;
+        da = (t < S(1)).select(-beta, Chunk::Zero()) + nan;
         db = -da;
         break;
+      }
       case PreferenceKind::ExoPair: {
         // KL(Bernoulli(q) || Bernoulli(1 - eps)) with log q = -sp(-t), log(1 - q) = -sp(t).
         softplus(-t, sp, sigma);   // sp(-t) = -log q, sigma(-t) = 1 - q
         softplus(t, sp2, sigma2);  // sp(t) = -log(1 - q), sigma(t) = q
-        loss = sigma2 * (-sp - std::log1p(-eps)) + sigma * (-sp2 - std::log(eps));
-        da = beta * sigma2 * sigma * (t - (std::log1p(-eps) - std::log(eps)));
+        // A zero weight (t overflowed) takes no part: no 0 * inf.
+        const Chunk q = sigma2 * (-sp - std::log1p(-eps)), p = sigma * (-sp2 - std::log(eps));
+        loss = (sigma2 == S(0)).select(Chunk::Zero(), q) + (sigma == S(0)).select(Chunk::Zero(), p);
+        const Chunk w = sigma2 * sigma;
+        da = beta * (w == S(0)).select(Chunk::Zero(), w * (t - (std::log1p(-eps) - std::log(eps))));
         db = -da;
         break;
       }
@@ -426,14 +470,16 @@ class PreferenceLoss {
         break;
       }
       case PreferenceKind::DiscoPOP: {
-        // m e^-t = exp(-t - sp(-t/tau)) stays finite where e^-t alone overflows.
-        const S tau = options_.discopop_tau;
-        const Chunk u = t / tau;
+        // m e^-t = exp(-t - sp(-t/tau)) stays finite where e^-t alone overflows; t clamped
+        // to finite values there keeps its limit (0, or 1 at tau = 1) where beta h overflowed.
+        const S tau = options_.discopop_tau, largest = std::numeric_limits<S>::max();
+        const Chunk clamped = t.max(-largest).min(largest), u = clamped / tau;
         softplus(-t, sp, sigma);     // the DPO loss and its weight
         softplus(-u, sp2, sigma2);   // sigma2 = 1 - m
-        const Chunk m = u.logistic(), me = (-t - sp2).exp();
+        const Chunk m = u.logistic(), me = (-clamped - sp2).exp();
+        const Chunk msp = (m == S(0)).select(Chunk::Zero(), m * sp);  // no 0 * inf at t = -inf
         loss = sigma2 * sp + me;
-        da = beta * (-sigma2 * sigma - me + (sigma2 * me - m * sigma2 * sp) / tau);
+        da = beta * (-sigma2 * sigma - me + (sigma2 * me - sigma2 * msp) / tau);
         db = -da;
         break;
       }

@@ -11,7 +11,9 @@
 //   L = sum_j h(R_j) f(R_j, N) / sum_j f(R_j, N).
 // Defaults: h(R) = max(R, 0)^2 and f = exp(N R), so the weights w = softmax(N R) are a soft-max
 // over the k sequences: N = 0 gives the mean of h(R_j), N = +infinity gives h(max_j R_j), the
-// limit for every admissible f (ties share the weight).
+// limit for every admissible f (ties share the weight). N is any value in [0, +infinity]; where
+// log f = N R overflows S the loss is that same limit, which S cannot tell from it. The gradient
+// is at most |h'| + N times the spread of h(R) over the sequences, and overflows only beyond S.
 //
 // f is given in the log domain (log f and its R-derivative) so the weights w_j = f_j / sum f are a
 // max-shifted softmax of log f. Gradients:
@@ -280,31 +282,37 @@ class RegretLoss {
     const S N = options_.N;
     const auto& h = options_.h;
     const auto& f = options_.f;
-    if (regrets.hasNaN()) {
+    auto not_a_number = [&] {
       if (dregrets) dregrets->setConstant(std::numeric_limits<S>::quiet_NaN());
       return std::numeric_limits<S>::quiet_NaN();
-    }
-    if (std::isinf(N)) {  // the worst sequence, ties sharing its weight
+    };
+    if (regrets.hasNaN()) return not_a_number();
+    // The N = infinity limit, the worst sequence with ties sharing its weight.
+    auto worst_sequence = [&] {
       const S worst = regrets.maxCoeff();
       if (dregrets) {
         const S share = h.derivative(worst) / S((regrets.array() == worst).count());
         *dregrets = (regrets.array() == worst).select(share, Vector<S>::Zero(regrets.size()));
       }
       return h.value(worst);
-    }
+    };
+    if (std::isinf(N)) return worst_sequence();
     const Index k = regrets.size();
     Vector<S> weights(k), penalties(k);
-    for (Index j = 0; j < k; ++j) {
-      weights(j) = f.log_value(regrets(j), N);
-      penalties(j) = h.value(regrets(j));
-    }
-    weights = (weights.array() - weights.maxCoeff()).exp();
+    for (Index j = 0; j < k; ++j) weights(j) = f.log_value(regrets(j), N);
+    if (weights.hasNaN()) return not_a_number();
+    // log f beyond S (N R overflowed): the same limit, exact in S wherever N |R| overflows.
+    const S top = weights.maxCoeff();
+    if (std::isinf(top)) return worst_sequence();
+    for (Index j = 0; j < k; ++j) penalties(j) = h.value(regrets(j));
+    weights = (weights.array() - top).exp();
     weights /= weights.sum();
     const S loss = weights.dot(penalties);
     if (dregrets) {
       for (Index j = 0; j < k; ++j) {  // a zero weight has no gradient, even where (log f)' is infinite
         const S w = weights(j), R = regrets(j);
-        (*dregrets)(j) = w == 0 ? S(0) : w * (h.derivative(R) + f.log_derivative(R, N) * (penalties(j) - loss));
+        // w (h - L) before (log f)' = N: the product overflows only where the gradient does.
+        (*dregrets)(j) = w == 0 ? S(0) : w * h.derivative(R) + w * (penalties(j) - loss) * f.log_derivative(R, N);
       }
     }
     return loss;

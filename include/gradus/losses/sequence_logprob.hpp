@@ -8,7 +8,11 @@
 //   d log p(y) / dZ_t = m_t (e_{y_t} - softmax(Z_t)).
 //
 // With .average = true the sum becomes the mean over counted tokens (TRL feeds IPO these
-// length-normalised log-probs); a sequence with no counted token then has NaN.
+// length-normalised log-probs), and a sequence with no counted token is an error.
+// Errors: logits with no row or no column, targets or mask not one per row, a counted target
+// outside [0, V) (uncounted positions may hold anything, e.g. an ignore index of -100).
+// Non-finite logits propagate: -inf at a counted target gives log p = -inf with a finite
+// gradient, -inf elsewhere has zero probability; +inf or NaN in a counted row gives NaN.
 // This is minus the summed cross-entropy with masked targets ignored, so it runs on the
 // comp-sum fused kernel (kernels/softmax.hpp): one pass over Z, one exp per logit, the
 // gradient written in place with its upstream factor folded in, and no T x V temporary.
@@ -21,7 +25,6 @@
 // An object keeps a T-sized label buffer between calls (no allocation after the first call
 // at a given length), so use one object per thread.
 
-#include <limits>
 #include <type_traits>
 
 #include <Eigen/Core>
@@ -122,11 +125,11 @@ class SequenceLogProb {
       labels_(t) = used ? targets(t) : kIgnored;
       counted += used;
     }
-    const S per_token = options_.average ? S(1) / static_cast<S>(counted) : S(1);
-    if (options_.average && counted == 0) {  // the mean over no token
-      if (grad) Eigen::Map<RowMatrix<S>, 0, Eigen::OuterStride<>>(grad, positions, vocabulary, {ld_grad}).setZero();
-      return std::numeric_limits<S>::quiet_NaN();
+    if (options_.average) {
+      detail::require(counted > 0, function, "mask", "at least one counted position (the mean over no token)",
+                      "no nonzero entry");
     }
+    const S per_token = options_.average ? S(1) / static_cast<S>(counted) : S(1);
     const detail::CompSumJob<S> job{
         .logits = z.data(),
         .ld_logits = z.outerStride(),
