@@ -88,7 +88,7 @@ inline const char* to_string(StopReason reason) {
 
 template <class S>
 struct MinimizeResult {
-  Index steps = 0;        // updates applied
+  Index steps = 0;        // updates that led to the returned x
   Index evaluations = 0;  // value_and_grad calls
   S value = 0;            // objective at the returned x (its minibatch's, in minibatch runs)
   S grad_norm = 0;        // norm of the gradient there
