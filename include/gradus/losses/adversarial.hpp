@@ -27,10 +27,21 @@
 // Outer gradient (Danskin): the point x' the ascent found is held fixed, and the gradient
 // flows to the parameters through both h(x') and h(x).
 //
+// The ascent's value is a lower bound of the sup, so value() is a lower bound of l_adv. With
+// the defaults (Madry et al.'s constant step 2.5 gamma / K, one start) the l_2 ascent travels
+// 2.5 gamma in all and, even for a linear model, ends a few percent below the sup
+// gamma sigma_max(A) (A the margin Jacobian); the l_inf ascent of a convex term can stop at a
+// local vertex of the cube. schedule = Cosine (steps from the ball's diameter 2 gamma down
+// to 0) reaches the l_2 sup of a linear model; restarts = R keeps each sample's best of R
+// starts (the first as above, the others uniform in the ball), against local maxima.
+//
 // For evaluation, pgd_attack runs projected gradient ascent (public, for other objectives
 // such as TRADES' KL term too) on the margin loss max_{y' != y} h_y'(x') - h_y(x') (the
 // "PGD margin" attack of Rice et al. 2020, which the paper evaluates with), optionally inside
 // a box such as pixels in [0, 1]; robust_accuracy is the accuracy on its output.
+//
+// Non-finite inputs or parameters propagate as NaN; a radius or step so large that x' or the
+// model's outputs overflow gives infinite or NaN values, as any arithmetic would.
 //
 //   gradus::SmoothAdversarialLoss<float> loss({.nu = 1, .gamma = 0.1f, .steps = 10});
 //   float value = loss.value_and_grad(model, theta, X, y, dtheta);   // any gradus::Model
@@ -41,6 +52,7 @@
 #include <concepts>
 #include <cstdint>
 #include <limits>
+#include <numbers>
 #include <utility>
 
 #include "gradus/core/concepts.hpp"
@@ -53,6 +65,13 @@ namespace gradus {
 
 enum class PerturbationNorm { Linf, L2 };
 
+// The step sizes s_t, t = 0..K-1, of the K ascent steps.
+enum class StepSchedule {
+  Constant,  // s_t = s (Madry et al. 2018; by default s = 2.5 gamma / K)
+  Cosine,    // s_t = s (1 + cos(pi t / K)) / 2, by default from s = 2 gamma: the first step
+             // reaches any point of the ball from any other, the last ones refine
+};
+
 template <class S>
 struct SmoothAdversarialOptions {
   S tau = 1;                 // comp-sum parameter (the paper's experiments use 1: logistic)
@@ -61,7 +80,9 @@ struct SmoothAdversarialOptions {
   S gamma = S(8) / S(255);   // radius of the perturbation ball (the usual CIFAR l_inf value)
   PerturbationNorm norm = PerturbationNorm::Linf;
   int steps = 10;            // projected gradient ascent steps K
-  S step_size = 0;           // 0: 2.5 gamma / steps (Madry et al. 2018)
+  S step_size = 0;           // 0: the schedule's default (2.5 gamma / steps for Constant)
+  StepSchedule schedule = StepSchedule::Constant;
+  int restarts = 1;          // R ascents per sample, keeping the largest term
   bool random_start = true;  // start anywhere in the ball, else next to x
   std::uint64_t seed = 0;
   Reduction reduction = Reduction::Mean;  // None: value() gives the sum, as CompSumLoss
@@ -72,7 +93,9 @@ struct PGDOptions {
   S gamma = S(8) / S(255);
   PerturbationNorm norm = PerturbationNorm::Linf;
   int steps = 20;
-  S step_size = 0;           // 0: 2.5 gamma / steps
+  S step_size = 0;           // 0: the schedule's default (2.5 gamma / steps for Constant)
+  StepSchedule schedule = StepSchedule::Constant;
+  int restarts = 1;          // R ascents per sample, keeping the largest objective
   bool random_start = true;  // else start at x
   std::uint64_t seed = 0;
   S lower = -std::numeric_limits<S>::infinity();  // box the inputs live in, e.g. [0, 1]
@@ -82,13 +105,18 @@ struct PGDOptions {
 namespace detail {
 
 template <class S>
-void validate_ball(const char* function, S gamma, int steps, S step_size) {
-  require_nonnegative(function, "options.gamma", gamma);
-  require_finite(function, "options.gamma", gamma);
-  require_nonnegative(function, "options.steps", steps);
-  require(steps > 0 || gamma == S(0), function, "options.steps", "a value > 0 when gamma > 0", steps);
-  require_nonnegative(function, "options.step_size", step_size);
-  require_finite(function, "options.step_size", step_size);
+void validate_ascent(const char* function, const PGDOptions<S>& options) {
+  require_nonnegative(function, "options.gamma", options.gamma);
+  require_finite(function, "options.gamma", options.gamma);
+  require_enumerator(function, "options.norm", options.norm, 2);
+  require_nonnegative(function, "options.steps", options.steps);
+  require(options.steps > 0 || options.gamma == S(0), function, "options.steps", "a value > 0 when gamma > 0",
+          options.steps);
+  require_nonnegative(function, "options.step_size", options.step_size);
+  require_finite(function, "options.step_size", options.step_size);
+  require_enumerator(function, "options.schedule", options.schedule, 2);
+  require(options.restarts >= 1, function, "options.restarts", "a value >= 1", options.restarts);
+  require(options.lower <= options.upper, function, "options.lower", "a value <= options.upper", options.lower);
 }
 
 template <Model M, class DT, class DX>
@@ -107,84 +135,207 @@ void validate_batch(const char* function, const M& model, const Eigen::MatrixBas
   require_labels(function, "labels", y, model.num_outputs());
 }
 
-// Projected gradient ascent on sum_i f_i(h(x'_i)) over ||x'_i - x_i|| <= gamma and the box
-// [lower, upper]; output_grad(Z', dZ') writes df_i / dh(x'_i) row by row. Starts from x plus
-// uniform noise of half-width start_radius (then projected), drawn from options.seed.
-template <Model M, class DT, class DX, class OutputGrad>
-void projected_gradient_ascent(const M& model, const Eigen::MatrixBase<DT>& theta, const Eigen::MatrixBase<DX>& X,
-                               const PGDOptions<typename M::Scalar>& options,
-                               typename M::Scalar start_radius, OutputGrad&& output_grad,
-                               RowMatrix<typename M::Scalar>& X_adv, RowMatrix<typename M::Scalar>& Z_adv,
-                               RowMatrix<typename M::Scalar>& dZ, RowMatrix<typename M::Scalar>& dX) {
-  using S = typename M::Scalar;
-  const S gamma = options.gamma;
-  const S step = options.step_size > 0 ? options.step_size : S(2.5) * gamma / S(std::max(options.steps, 1));
-  X_adv.resize(X.rows(), X.cols());
-  Z_adv.resize(X.rows(), model.num_outputs());
-  dZ.resize(X.rows(), model.num_outputs());
-  dX.resize(X.rows(), X.cols());
-  const bool linf = options.norm == PerturbationNorm::Linf;
-  auto project = [&] {
-    if (linf) {
-      X_adv.array() = X_adv.array().max(X.array() - gamma).min(X.array() + gamma);
-    } else {
-      for (Index i = 0; i < X.rows(); ++i) {
-        if (const S length = (X_adv.row(i) - X.row(i)).norm(); length > gamma) {
-          X_adv.row(i) = X.row(i) + (gamma / length) * (X_adv.row(i) - X.row(i));
-        }
-      }
-    }
-    X_adv = X_adv.cwiseMax(options.lower).cwiseMin(options.upper);
-  };
+// The buffers of one ascent, kept by callers that ascend repeatedly at one shape.
+template <class S>
+struct AscentScratch {
+  RowMatrix<S> X_try, Z, dZ, dX;
+  Vector<S> f, best;
+};
+
+// Each row of X_adv uniform in the ball of the given radius around the same row of X.
+template <class S, class DX>
+void uniform_in_ball(const Eigen::MatrixBase<DX>& X, PerturbationNorm norm, S radius, SplitMix64& rng,
+                     RowMatrix<S>& X_adv) {
   X_adv = X;
-  if (start_radius > S(0)) {
-    detail::SplitMix64 rng(options.seed);
-    for (Index k = 0; k < X_adv.size(); ++k) X_adv.data()[k] += start_radius * static_cast<S>(2 * rng.uniform() - 1);
+  if (norm == PerturbationNorm::Linf) {
+    for (Index k = 0; k < X_adv.size(); ++k) X_adv.data()[k] += radius * static_cast<S>(2 * rng.uniform() - 1);
+    return;
   }
-  project();
-  if (gamma == S(0)) return;
-  for (int t = 0; t < options.steps; ++t) {
-    model.predict(theta.derived(), X_adv, Z_adv);
-    output_grad(std::as_const(Z_adv), dZ);
-    model.vjp_inputs(theta.derived(), X_adv, dZ, dX);
-    if (linf) {  // x' += step sign(g), as a loop the compiler vectorizes (Eigen's sign() is scalar)
-      S* x = X_adv.data();
-      const S* g = dX.data();
-      for (Index k = 0; k < X_adv.size(); ++k) x[k] += step * (S(g[k] > 0) - S(g[k] < 0));
-    } else {
-      for (Index i = 0; i < X.rows(); ++i) {
-        if (const S length = dX.row(i).norm(); length > 0) X_adv.row(i) += (step / length) * dX.row(i);
-      }
+  // A Gaussian direction (Box-Muller) at distance radius * U^(1/D): uniform in volume.
+  const Index D = X.cols();
+  Vector<double> direction(D);
+  for (Index i = 0; i < X.rows(); ++i) {
+    for (Index k = 0; k < D; k += 2) {
+      const double r = std::sqrt(-2 * std::log(1 - rng.uniform())), angle = 2 * std::numbers::pi * rng.uniform();
+      direction(k) = r * std::cos(angle);
+      if (k + 1 < D) direction(k + 1) = r * std::sin(angle);
     }
-    project();
+    const double length = direction.norm();
+    if (length > 0) direction *= std::pow(rng.uniform(), 1 / double(D)) / length;
+    X_adv.row(i) += radius * direction.cast<S>().transpose();
   }
 }
 
-// The public ascent: validates the options and the output, and starts from x or anywhere in the ball.
-template <Model M, class DT, class DX, class OutputGrad>
+// X_adv onto the ball around X, then into the box; the box keeps x' in the ball when x is in it.
+// l_2 lengths are taken in radii, (x' - x) / gamma: near the largest scalar, gamma's multiples overflow.
+template <class S, class DX>
+void project(const Eigen::MatrixBase<DX>& X, const PGDOptions<S>& options, RowMatrix<S>& X_adv) {
+  const S gamma = options.gamma;
+  if (options.norm == PerturbationNorm::Linf) {
+    X_adv.array() = X_adv.array().max(X.array() - gamma).min(X.array() + gamma);
+  } else {
+    for (Index i = 0; i < X.rows(); ++i) {
+      const auto offset = (X_adv.row(i) - X.row(i)) / gamma;
+      if (const S length = offset.norm(); length > 1) X_adv.row(i) = X.row(i) + gamma * (offset / length).eval();
+    }
+  }
+  X_adv = X_adv.cwiseMax(options.lower).cwiseMin(options.upper);
+}
+
+// One projected ascent from a point uniform in the ball of radius start_radius around x.
+// Steps may be infinite (a huge radius over few steps): they never multiply a zero.
+template <Model M, class DT, class DX, class Objective>
+void ascend(const M& model, const Eigen::MatrixBase<DT>& theta, const Eigen::MatrixBase<DX>& X,
+            const PGDOptions<typename M::Scalar>& options, typename M::Scalar start_radius, SplitMix64& rng,
+            Objective& objective, RowMatrix<typename M::Scalar>& X_adv, AscentScratch<typename M::Scalar>& scratch) {
+  using S = typename M::Scalar;
+  const S gamma = options.gamma;
+  const int K = options.steps;
+  if (start_radius > S(0)) {
+    uniform_in_ball(X, options.norm, start_radius, rng, X_adv);
+  } else {
+    X_adv = X;
+  }
+  project(X, options, X_adv);
+  if (gamma == S(0)) return;
+  const bool cosine = options.schedule == StepSchedule::Cosine;
+  const S base = options.step_size > 0 ? options.step_size : cosine ? gamma + gamma : S(2.5) * gamma / S(K);
+  Eigen::Matrix<S, 1, Eigen::Dynamic> v(X.cols());
+  for (int t = 0; t < K; ++t) {
+    const S step = cosine ? base * static_cast<S>((1 + std::cos(std::numbers::pi * t / K)) / 2) : base;
+    model.predict(theta.derived(), X_adv, scratch.Z);
+    objective(std::as_const(scratch.Z), scratch.dZ, scratch.f);
+    model.vjp_inputs(theta.derived(), X_adv, scratch.dZ, scratch.dX);
+    if (options.norm == PerturbationNorm::Linf) {  // x' += step sign(g), as a loop the compiler vectorizes
+      S* x = X_adv.data();
+      const S* g = scratch.dX.data();
+      for (Index k = 0; k < X_adv.size(); ++k) x[k] += g[k] > 0 ? step : g[k] < 0 ? -step : S(0);
+    } else {
+      // In radii: v = (x' - x) / gamma + t g / ||g||, t = step / gamma, so that nothing overflows.
+      // For t > 2 the sum surely leaves the ball and only its direction counts: v / t is used.
+      const S t = step / gamma;
+      for (Index i = 0; i < X.rows(); ++i) {
+        const S length = scratch.dX.row(i).stableNorm();
+        if (!(length > 0)) continue;
+        const auto unit = scratch.dX.row(i) / length;
+        const auto offset = (X_adv.row(i) - X.row(i)) / gamma;
+        v = t <= 2 ? (offset + t * unit).eval() : (offset / t + unit).eval();
+        const S norm = v.norm();
+        X_adv.row(i) = X.row(i) + gamma * (norm > 1 ? (v / norm).eval() : v);
+      }
+    }
+    project(X, options, X_adv);
+  }
+}
+
+// Projected gradient ascent on sum_i f_i(h(x'_i)) over ||x'_i - x_i|| <= gamma and the box
+// [lower, upper]. objective(Z', dZ', f) writes df_i / dh(x'_i) into the rows of dZ' and f_i
+// into f. The first start is x plus a uniform point of the ball of radius start_radius, drawn
+// from options.seed; each further start (restarts > 1) is uniform in the whole ball, from its
+// own stream of the seed, and each sample keeps the x' of its largest f_i.
+template <Model M, class DT, class DX, class Objective>
+void projected_gradient_ascent(const M& model, const Eigen::MatrixBase<DT>& theta, const Eigen::MatrixBase<DX>& X,
+                               const PGDOptions<typename M::Scalar>& options, typename M::Scalar start_radius,
+                               Objective&& objective, RowMatrix<typename M::Scalar>& X_adv,
+                               AscentScratch<typename M::Scalar>& scratch) {
+  const Index n = X.rows();
+  scratch.Z.resize(n, model.num_outputs());
+  scratch.dZ.resize(n, model.num_outputs());
+  scratch.dX.resize(n, X.cols());
+  scratch.f.resize(n);
+  scratch.best.resize(n);
+  X_adv.resize(n, X.cols());
+  for (int r = 0; r < options.restarts; ++r) {
+    SplitMix64 rng = r == 0 ? SplitMix64(options.seed) : SplitMix64::stream(options.seed, std::uint64_t(r));
+    RowMatrix<typename M::Scalar>& X_try = r == 0 ? X_adv : scratch.X_try;
+    ascend(model, theta, X, options, r == 0 ? start_radius : options.gamma, rng, objective, X_try, scratch);
+    if (options.restarts == 1) return;
+    model.predict(theta.derived(), X_try, scratch.Z);
+    if (r == 0) {
+      objective(std::as_const(scratch.Z), scratch.dZ, scratch.best);
+      continue;
+    }
+    objective(std::as_const(scratch.Z), scratch.dZ, scratch.f);
+    for (Index i = 0; i < n; ++i) {
+      if (scratch.f(i) > scratch.best(i) || std::isnan(scratch.best(i))) {
+        scratch.best(i) = scratch.f(i);
+        X_adv.row(i) = X_try.row(i);
+      }
+    }
+  }
+}
+
+// The public ascents: validate the options, the box and the output, then start from x or
+// anywhere in the ball. X_adv may alias X.
+template <Model M, class DT, class DX, class Objective>
 void checked_ascent(const char* function, const M& model, const Eigen::MatrixBase<DT>& theta,
                     const Eigen::MatrixBase<DX>& X, const PGDOptions<typename M::Scalar>& options,
-                    OutputGrad&& output_grad, Eigen::Ref<RowMatrix<typename M::Scalar>> X_adv) {
+                    Objective&& objective, Eigen::Ref<RowMatrix<typename M::Scalar>> X_adv) {
   using S = typename M::Scalar;
-  validate_ball(function, options.gamma, options.steps, options.step_size);
-  require(options.lower <= options.upper, function, "options.lower", "a value <= options.upper", options.lower);
+  validate_ascent(function, options);
+  for (Index i = 0; i < X.rows(); ++i) {  // else the box and the ball may not meet (NaN passes: it propagates)
+    for (Index j = 0; j < X.cols(); ++j) {
+      const S x = X(i, j);
+      require(!(x < options.lower || x > options.upper), function, "X", "entries in [options.lower, options.upper]",
+              to_text(x) + " at row " + to_text(static_cast<long long>(i)));
+    }
+  }
   require_size(function, "X_adv", X_adv.rows(), X.rows(), "rows (rows of X)");
   require_size(function, "X_adv", X_adv.cols(), X.cols(), "columns (columns of X)");
-  RowMatrix<S> ascended, Z, dZ, dX;
+  RowMatrix<S> ascended;
+  AscentScratch<S> scratch;
   detail::projected_gradient_ascent(model, theta, X, options, options.random_start ? options.gamma : S(0),
-                                    std::forward<OutputGrad>(output_grad), ascended, Z, dZ, dX);
+                                    std::forward<Objective>(objective), ascended, scratch);
   X_adv = ascended;
+}
+
+// The margin loss max_{y' != y} h_y'(x') - h_y(x') and its gradient, for pgd_attack.
+template <class DY>
+auto margin_objective(const Eigen::MatrixBase<DY>& y) {
+  return [&y](const auto& Z, auto& dZ, auto& f) {
+    dZ.setZero();
+    for (Index i = 0; i < Z.rows(); ++i) {
+      const int label = static_cast<int>(y(i));
+      Index rival = label == 0 ? 1 : 0;
+      for (Index j = 0; j < Z.cols(); ++j) {
+        if (j != label && Z(i, j) > Z(i, rival)) rival = j;
+      }
+      dZ(i, rival) = 1;
+      dZ(i, label) = -1;
+      f(i) = Z(i, rival) - Z(i, label);
+    }
+  };
+}
+
+// pgd_attack, its errors naming the public function that called it.
+template <Model M, class DT, class DX, class DY>
+void checked_attack(const char* function, const M& model, const Eigen::MatrixBase<DT>& theta,
+                    const Eigen::MatrixBase<DX>& X, const Eigen::MatrixBase<DY>& y,
+                    const PGDOptions<typename M::Scalar>& options, Eigen::Ref<RowMatrix<typename M::Scalar>> X_adv) {
+  validate_batch(function, model, theta, X, y);
+  require(model.num_outputs() >= 2, function, "model", "at least 2 outputs (classes)",
+          static_cast<long long>(model.num_outputs()));
+  checked_ascent(function, model, theta, X, options, margin_objective(y), X_adv);
 }
 
 // The smooth term of one sample from its C outputs at x' and at x: with d = adv - clean and
 // u = d - d_y, returns ||u|| and writes its gradient with respect to adv into grad:
-// (u - e_y sum_k u_k) / ||u||, and 0 at u = 0. Plain loops: C is small (the classes).
+// (u - e_y sum_k u_k) / ||u||, and 0 at u = 0. u is first scaled by a power of two, exactly,
+// so that its squares neither overflow nor underflow. Plain loops: C is small (the classes).
 template <class S>
 S margin_change(const S* adv, const S* clean, Index C, int y, S* grad) {
   const S shift = adv[y] - clean[y];
+  S largest = 0;
+  for (Index k = 0; k < C; ++k) {
+    grad[k] = adv[k] - clean[k] - shift;
+    largest = std::max(largest, std::abs(grad[k]));
+  }
+  int exponent = 0;
+  if (largest > 0 && largest < std::numeric_limits<S>::infinity()) std::frexp(largest, &exponent);
+  const S scale = std::ldexp(S(1), -exponent);
   S squares = 0, total = 0;
   for (Index k = 0; k < C; ++k) {
-    const S u = adv[k] - clean[k] - shift;
+    const S u = grad[k] * scale;
     grad[k] = u;
     squares += u * u;
     total += u;
@@ -193,12 +344,13 @@ S margin_change(const S* adv, const S* clean, Index C, int y, S* grad) {
   const S inverse = length > 0 ? S(1) / length : S(0);
   for (Index k = 0; k < C; ++k) grad[k] *= inverse;
   grad[y] -= total * inverse;
-  return length;
+  return std::ldexp(length, exponent);
 }
 
 }  // namespace detail
 
-// l_tau(h(x)/rho, y) + nu * sup_{x'} ||Delta_h(x', y) - Delta_h(x, y)||_2 over a gradus::Model.
+// l_tau(h(x)/rho, y) + nu * sup_{x'} ||Delta_h(x', y) - Delta_h(x, y)||_2 over a gradus::Model,
+// the sup taken by projected gradient ascent (a lower bound of it).
 // Holds scratch buffers, so that repeated calls at a fixed shape do not allocate: use one
 // object per thread.
 template <class S>
@@ -305,15 +457,12 @@ class SmoothAdversarialLoss {
     }
     Z_.resize(X.rows(), model.num_outputs());
     model.predict(theta.derived(), X.derived(), Z_);
-    const PGDOptions<S> ascent{.gamma = options_.gamma, .norm = options_.norm, .steps = options_.steps,
-                               .step_size = options_.step_size, .random_start = options_.random_start,
-                               .seed = options_.seed};
     const S start_radius = options_.gamma * (options_.random_start ? S(1) : S(1e-3));
-    auto smooth_term_grad = [&](const RowMatrix<S>& Z_adv, RowMatrix<S>& dZ) {
-      for (Index i = 0; i < Z_adv.rows(); ++i) margin_change_row(i, y(i), Z_adv, dZ);
+    auto smooth_term = [&](const RowMatrix<S>& Z_adv, RowMatrix<S>& dZ, Vector<S>& f) {
+      for (Index i = 0; i < Z_adv.rows(); ++i) f(i) = margin_change_row(i, y(i), Z_adv, dZ);
     };
-    detail::projected_gradient_ascent(model, theta, X, ascent, start_radius, smooth_term_grad, X_adv_, Z_adv_, dA_,
-                                      dX_);
+    detail::projected_gradient_ascent(model, theta, X, ascent_options(options_), start_radius, smooth_term, X_adv_,
+                                      scratch_);
   }
 
   // The smooth term of row i of Z_adv against Z_, its gradient into row i of grad.
@@ -337,6 +486,13 @@ class SmoothAdversarialLoss {
     scaled_ = Z_ / options_.rho;
   }
 
+  // The inner ascent's options (no box).
+  static PGDOptions<S> ascent_options(const Options& options) {
+    return {.gamma = options.gamma, .norm = options.norm, .steps = options.steps, .step_size = options.step_size,
+            .schedule = options.schedule, .restarts = options.restarts, .random_start = options.random_start,
+            .seed = options.seed};
+  }
+
   // Checked before comp_sum_ is built, so that errors name this loss.
   static const Options& validated(const Options& options) {
     const char* function = "SmoothAdversarialLoss";
@@ -346,62 +502,58 @@ class SmoothAdversarialLoss {
     detail::require_finite(function, "options.rho", options.rho);
     detail::require_nonnegative(function, "options.nu", options.nu);
     detail::require_finite(function, "options.nu", options.nu);
-    detail::validate_ball(function, options.gamma, options.steps, options.step_size);
+    detail::require_reduction(function, options.reduction);
+    detail::validate_ascent(function, ascent_options(options));
     return options;
   }
 
   Options options_;
   CompSumLoss<S> comp_sum_;
-  mutable RowMatrix<S> X_adv_, Z_, Z_adv_, scaled_, dZ_, dA_, dX_;
+  mutable RowMatrix<S> X_adv_, Z_, Z_adv_, scaled_, dZ_, dA_;
   mutable Vector<S> per_sample_, dtheta_adv_;
+  mutable detail::AscentScratch<S> scratch_;
 };
 
 // Projected gradient ascent on sum_i f_i(h(x'_i)) over ||x'_i - x_i||_p <= gamma and the box
-// [lower, upper], from x or from a uniform random point of the ball (random_start).
-// output_grad(const RowMatrix<S>& Z', RowMatrix<S>& dZ') writes df_i / dh(x'_i), row by row.
-// Writes X_adv (same shape as X).
+// [lower, upper] (X must lie in it), from x or from a uniform random point of the ball
+// (random_start). output_grad(const RowMatrix<S>& Z', RowMatrix<S>& dZ') writes
+// df_i / dh(x'_i), row by row; an output_grad(Z', dZ', Vector<S>& f) that also writes the f_i
+// allows restarts > 1, each sample keeping its best x'. Writes X_adv (same shape as X); the
+// f_i at X_adv are lower bounds of their sups.
 template <Model M, class DT, class DX, class OutputGrad>
 void projected_gradient_ascent(const M& model, const Eigen::MatrixBase<DT>& theta, const Eigen::MatrixBase<DX>& X,
                                const PGDOptions<typename M::Scalar>& options, OutputGrad&& output_grad,
                                Eigen::Ref<RowMatrix<typename M::Scalar>> X_adv) {
-  detail::validate_inputs("projected_gradient_ascent", model, theta, X);
-  detail::checked_ascent("projected_gradient_ascent", model, theta, X, options,
-                         std::forward<OutputGrad>(output_grad), X_adv);
+  using S = typename M::Scalar;
+  const char* function = "projected_gradient_ascent";
+  detail::validate_inputs(function, model, theta, X);
+  if constexpr (std::invocable<OutputGrad&, const RowMatrix<S>&, RowMatrix<S>&, Vector<S>&>) {
+    detail::checked_ascent(function, model, theta, X, options, output_grad, X_adv);
+  } else {
+    detail::require(options.restarts == 1, function, "options.restarts",
+                    "1 when output_grad writes no objective values (pass output_grad(Z, dZ, f))", options.restarts);
+    auto gradient_only = [&](const RowMatrix<S>& Z, RowMatrix<S>& dZ, Vector<S>&) { output_grad(Z, dZ); };
+    detail::checked_ascent(function, model, theta, X, options, gradient_only, X_adv);
+  }
 }
 
 // Adversarial inputs for evaluation: projected gradient ascent on the margin loss
-// max_{y' != y} h_y'(x') - h_y(x').
+// max_{y' != y} h_y'(x') - h_y(x'), whose value at X_adv is a lower bound of its sup.
 template <Model M, class DT, class DX, class DY>
 void pgd_attack(const M& model, const Eigen::MatrixBase<DT>& theta, const Eigen::MatrixBase<DX>& X,
                 const Eigen::MatrixBase<DY>& y, const PGDOptions<typename M::Scalar>& options,
                 Eigen::Ref<RowMatrix<typename M::Scalar>> X_adv) {
-  using S = typename M::Scalar;
-  const char* function = "pgd_attack";
-  detail::validate_batch(function, model, theta, X, y);
-  detail::require(model.num_outputs() >= 2, function, "model", "at least 2 outputs (classes)",
-                  static_cast<long long>(model.num_outputs()));
-  auto margin_grad = [&](const RowMatrix<S>& Z, RowMatrix<S>& dZ) {
-    dZ.setZero();
-    for (Index i = 0; i < Z.rows(); ++i) {
-      const int label = static_cast<int>(y(i));
-      Index rival = label == 0 ? 1 : 0;
-      for (Index j = 0; j < Z.cols(); ++j) {
-        if (j != label && Z(i, j) > Z(i, rival)) rival = j;
-      }
-      dZ(i, rival) = 1;
-      dZ(i, label) = -1;
-    }
-  };
-  detail::checked_ascent(function, model, theta, X, options, margin_grad, X_adv);
+  detail::checked_attack("pgd_attack", model, theta, X, y, options, X_adv);
 }
 
-// Fraction of rows of X still classified correctly (argmax of h at the label) after pgd_attack.
+// Fraction of rows of X still classified correctly (argmax of h at the label) after pgd_attack:
+// an upper bound of the robust accuracy.
 template <Model M, class DT, class DX, class DY>
 double robust_accuracy(const M& model, const Eigen::MatrixBase<DT>& theta, const Eigen::MatrixBase<DX>& X,
                        const Eigen::MatrixBase<DY>& y, const PGDOptions<typename M::Scalar>& options) {
   using S = typename M::Scalar;
   RowMatrix<S> X_adv(X.rows(), X.cols()), Z(X.rows(), model.num_outputs());
-  pgd_attack(model, theta, X, y, options, X_adv);
+  detail::checked_attack("robust_accuracy", model, theta, X, y, options, X_adv);
   model.predict(theta.derived(), X_adv, Z);
   Index correct = 0;
   for (Index i = 0; i < Z.rows(); ++i) {
