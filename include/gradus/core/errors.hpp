@@ -67,6 +67,16 @@ void require_finite(std::string_view function, std::string_view argument, T valu
   require(value - value == T(0), function, argument, "a finite value", value);
 }
 
+template <class T>
+void require_finite_positive(std::string_view function, std::string_view argument, T value) {
+  require(value > T(0) && value - value == T(0), function, argument, "a finite value > 0", value);
+}
+
+template <class T>
+void require_finite_nonnegative(std::string_view function, std::string_view argument, T value) {
+  require(value >= T(0) && value - value == T(0), function, argument, "a finite value >= 0", value);
+}
+
 // value in [low, high) (or [low, high] when high_inclusive).
 template <class T>
 void require_in_range(std::string_view function, std::string_view argument, T value, T low, T high,

@@ -42,8 +42,7 @@ class ModelObjective {
     detail::require_nonempty("ModelObjective", "X", X_.rows());
     detail::require_size("ModelObjective", "X", X_.cols(), model_.num_inputs(), "columns (model num_inputs)");
     detail::require_size("ModelObjective", "y", y_.size(), X_.rows(), "entries (rows of X)");
-    detail::require(options_.l2 >= S(0) && options_.l2 - options_.l2 == S(0), "ModelObjective", "options.l2",
-                    "a finite value >= 0", options_.l2);
+    detail::require_finite_nonnegative("ModelObjective", "options.l2", options_.l2);
   }
 
   Index dim() const { return model_.num_params(); }

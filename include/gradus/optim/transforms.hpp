@@ -52,16 +52,6 @@ namespace gradus {
 
 namespace detail {
 
-template <class T>
-void require_finite_positive(std::string_view function, std::string_view argument, T value) {
-  require(value > T(0) && value - value == T(0), function, argument, "a finite value > 0", value);
-}
-
-template <class T>
-void require_finite_nonnegative(std::string_view function, std::string_view argument, T value) {
-  require(value >= T(0) && value - value == T(0), function, argument, "a finite value >= 0", value);
-}
-
 // A step counter about to be incremented: negative or saturated counters are corrupt state.
 inline void require_step(std::string_view function, std::int64_t step) {
   require(step >= 0 && step < std::numeric_limits<std::int64_t>::max(), function, "state.step",
