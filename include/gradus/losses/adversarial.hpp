@@ -140,6 +140,7 @@ template <class S>
 struct AscentScratch {
   RowMatrix<S> X_try, Z, dZ, dX;
   Vector<S> f, best;
+  Eigen::Matrix<S, 1, Eigen::Dynamic> v;  // one row's l_2 step
 };
 
 // Each row of X_adv uniform in the ball of the given radius around the same row of X.
@@ -200,7 +201,6 @@ void ascend(const M& model, const Eigen::MatrixBase<DT>& theta, const Eigen::Mat
   if (gamma == S(0)) return;
   const bool cosine = options.schedule == StepSchedule::Cosine;
   const S base = options.step_size > 0 ? options.step_size : cosine ? gamma + gamma : S(2.5) * gamma / S(K);
-  Eigen::Matrix<S, 1, Eigen::Dynamic> v(X.cols());
   for (int t = 0; t < K; ++t) {
     const S step = cosine ? base * static_cast<S>((1 + std::cos(std::numbers::pi * t / K)) / 2) : base;
     model.predict(theta.derived(), X_adv, scratch.Z);
@@ -211,15 +211,16 @@ void ascend(const M& model, const Eigen::MatrixBase<DT>& theta, const Eigen::Mat
       const S* g = scratch.dX.data();
       for (Index k = 0; k < X_adv.size(); ++k) x[k] += g[k] > 0 ? step : g[k] < 0 ? -step : S(0);
     } else {
-      // In radii: v = (x' - x) / gamma + t g / ||g||, t = step / gamma, so that nothing overflows.
-      // For t > 2 the sum surely leaves the ball and only its direction counts: v / t is used.
-      const S t = step / gamma;
+      // In radii: v = (x' - x) / gamma + r g / ||g||, r = step / gamma, so that nothing overflows.
+      // For r > 2 the sum surely leaves the ball and only its direction counts: v / r is used.
+      const S radii = step / gamma;
+      auto& v = scratch.v;
       for (Index i = 0; i < X.rows(); ++i) {
         const S length = scratch.dX.row(i).stableNorm();
         if (!(length > 0)) continue;
         const auto unit = scratch.dX.row(i) / length;
         const auto offset = (X_adv.row(i) - X.row(i)) / gamma;
-        v = t <= 2 ? (offset + t * unit).eval() : (offset / t + unit).eval();
+        v = radii <= 2 ? (offset + radii * unit).eval() : (offset / radii + unit).eval();
         const S norm = v.norm();
         X_adv.row(i) = X.row(i) + gamma * (norm > 1 ? (v / norm).eval() : v);
       }
