@@ -521,11 +521,10 @@ S comp_sum_block(const CompSumJob<S>& job, Index first, Index count, Index end) 
 // flat layout: one shift per 16 rows (their largest logit) stands in for the row maxima, each
 // row's exps are read back by a masked load and summed by a tree of in-register shuffles, and
 // each per-row factor reaches the flat lanes by one permute. A block where some row lies far
-// below the shift (its sum under kFlatFloor, about e^-39), where some exp would fall below the
-// normal floats (kFlatLowest; with the rows' own maxima it might not, and its gradient entry
-// would lose digits) or that holds a non-finite logit goes to comp_sum_block instead.
+// below the shift (its sum under kFlatFloor, about e^-39) or that holds a non-finite logit goes
+// to comp_sum_block instead; elsewhere the terms a row loses to float's underflow are below
+// e^-48 of its sum.
 inline constexpr float kFlatFloor = 1e-17f;
-inline constexpr float kFlatLowest = -87.0f;  // exp(-87) = 1.6e-38, above the smallest normal
 
 // The row of lane l of flat register k, for rows of C classes: the permute that spreads
 // per-row factors over the flat lanes.
@@ -611,15 +610,9 @@ double comp_sum_flat(const CompSumJob<float>& job, Index begin, Index end) {
     for (int q = 0; q < blocks; ++q) {
       const Index row = first + 16 * q;
       const float* x = job.logits + row * C;
-      __m512 m = _mm512_loadu_ps(x), lo = m;
-      for (int k = 1; k < C; ++k) {
-        const __m512 v = _mm512_loadu_ps(x + 16 * k);
-        m = _mm512_max_ps(m, v);
-        lo = _mm512_min_ps(lo, v);
-      }
-      const __m512 largest = _mm512_set1_ps(_mm512_reduce_max_ps(m));
-      _mm512_store_ps(shift.data() + 16 * q, largest);
-      if (_mm512_cmp_ps_mask(lo, _mm512_add_ps(largest, _mm512_set1_ps(kFlatLowest)), _CMP_LT_OQ)) fallback |= 1u << q;
+      __m512 m = _mm512_loadu_ps(x);
+      for (int k = 1; k < C; ++k) m = _mm512_max_ps(m, _mm512_loadu_ps(x + 16 * k));
+      _mm512_store_ps(shift.data() + 16 * q, _mm512_set1_ps(_mm512_reduce_max_ps(m)));
     }
     for (int q = 0; q < blocks; ++q) {
       const Index row = first + 16 * q;
@@ -666,19 +659,12 @@ double comp_sum_flat(const CompSumJob<float>& job, Index begin, Index end) {
     }
     // The row sums, each row read back by a masked load (the exps' stores are done by now)
     // without its label: the others' sum gives 1 - p_y to full precision (see comp_sum_row).
-    // Their negative takes the label's place among the exps, so that the gradient stage
-    // scales every entry alike: a p_j at j != y, -a (1 - p_y) = a p_y - b at the label (a = b).
     for (int q = 0; q < blocks; ++q) {
       __m512 rows[16];
       for (int j = 0; j < 16; ++j) rows[j] = _mm512_maskz_loadu_ps(other_classes[16 * q + j], e + 16 * q * C + j * C);
       const __m512 rest = sum_lanes16(rows), sums = _mm512_add_ps(rest, _mm512_load_ps(e_y.data() + 16 * q));
       _mm512_store_ps(sum.data() + 16 * q, sums);
       _mm512_store_ps(others.data() + 16 * q, rest);
-      if (job.grad != nullptr) {
-        const __m512i at = _mm512_load_si512(label_at + 16 * q);
-        _mm512_mask_i32scatter_ps(e + 16 * q * C, _mm512_cmpge_epi32_mask(at, _mm512_setzero_si512()), at,
-                                  _mm512_sub_ps(_mm512_setzero_ps(), rest), 4);
-      }
       if (_mm512_cmp_ps_mask(sums, _mm512_set1_ps(kFlatFloor), _CMP_GE_OQ) != 0xFFFF) fallback |= 1u << q;
     }
     Lanes log_s;  // a block that falls back may hold a sum of 0 or NaN: its values are dropped below
@@ -698,14 +684,19 @@ double comp_sum_flat(const CompSumJob<float>& job, Index begin, Index end) {
     }
     total += terms.value.sum();  // 128 terms in float, then double across chunks
     if (job.grad == nullptr) continue;
-    const Lanes scale = terms.a / sum;
+    const Lanes scale = terms.a / sum, label = -terms.b * (others / sum);  // a = b: a p_y - b = -b (1 - p_y)
     for (int q = 0; q < blocks; ++q) {
       if (fallback >> q & 1) continue;
-      const __m512 a = _mm512_load_ps(scale.data() + 16 * q);
+      const __m512 a = _mm512_load_ps(scale.data() + 16 * q), l = _mm512_load_ps(label.data() + 16 * q);
+      const __m512i at = _mm512_load_si512(label_at + 16 * q);
       float* g = job.grad + (first + 16 * q) * C;
       for (int k = 0; k < C; ++k) {
-        const __m512 gradient = _mm512_mul_ps(_mm512_load_ps(e + 16 * (q * C + k)),
-                                              _mm512_permutexvar_ps(_mm512_loadu_si512(rows_of[k]), a));
+        // a p at every lane but the ones where the row's label lands.
+        const __m512i lane_row = _mm512_loadu_si512(rows_of[k]);
+        const __mmask16 at_label = _mm512_cmpeq_epi32_mask(_mm512_permutexvar_epi32(lane_row, at),
+                                                           _mm512_add_epi32(_mm512_set1_epi32(16 * k), lanes));
+        const __m512 ap = _mm512_mul_ps(_mm512_load_ps(e + 16 * (q * C + k)), _mm512_permutexvar_ps(lane_row, a));
+        const __m512 gradient = _mm512_mask_mov_ps(ap, at_label, _mm512_permutexvar_ps(lane_row, l));
         if (stream) {
           _mm512_stream_ps(g + 16 * k, gradient);
         } else {

@@ -15,7 +15,9 @@
 //
 // PyTorch's cross_entropy options, with its semantics:
 // - weight (per class, empty = none): sample i counts v_{y_i} times; the mean divides by the
-//   sum of v_{y_i} over the counted samples.
+//   sum of v_{y_i} over the counted samples. Any finite weights >= 0 work, from the denormals
+//   to the largest finite (a mean whose 1/denominator is no normal S scales the weights
+//   instead); with label smoothing their sum must be finite too, since it weighs every class.
 // - ignore_index: rows with this label contribute nothing (value 0, zero gradient row) and
 //   are not counted. A mean over no counted sample is NaN (as in PyTorch), its gradient zero.
 // - label_smoothing eps (tau = 1 only; rejected otherwise): the target is (1-eps) e_y + eps/C,
@@ -47,9 +49,9 @@ namespace gradus {
 
 template <class S>
 struct CompSumOptions {
-  S tau = 1;                             // >= 0
-  Reduction reduction = Reduction::Mean;
-  Vector<S> weight{};                    // per class, >= 0; empty = none
+  S tau = 1;                             // finite, >= 0
+  Reduction reduction = Reduction::Mean;  // one of its three enumerators
+  Vector<S> weight{};                    // per class, finite, >= 0; empty = none
   int ignore_index = -100;
   S label_smoothing = 0;                 // in [0, 1]; only for tau = 1
 };
