@@ -281,7 +281,9 @@ struct Identity {
   }
 };
 
-// What EF21 needs from a compressor: validate(d) for early errors and compress(v, message, rng).
+// What EF21 needs from a compressor: validate(d) for early errors and compress(v, message, rng), a
+// function of v and the stream alone (EF21 compresses a probe vector to check that processes hold the
+// same compressor) that writes a well-formed message (MessageView::valid(d); EF21 checks).
 template <class C, class S>
 concept Compressor = requires(const C& c, const Vector<S>& v, SparseMessage<S>& message, Rng& rng, Index d) {
   c.validate(d);

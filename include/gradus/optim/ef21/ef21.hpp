@@ -202,12 +202,13 @@ struct Exchange {
   std::vector<int> counts, offsets;
 };
 
-// All clients in this process: nothing travels.
 // A transport provides
 //   agree(function, error, facts, local_clients) -> (first global client of this process, total clients):
 //       collective; throws on every process if any has an error or holds different facts;
 //   exchange(clients, dim, with_gradients, error, out): collective; every client's message (and full
 //       gradient, when monitoring) in client order, or a throw on every process if any has an error.
+
+// All clients in this process: nothing travels.
 struct InProcess {
   std::pair<Index, Index> agree(std::string_view /*function*/, std::exception_ptr error,
                                 std::span<const Fact> /*facts*/, Index local_clients) const {
@@ -394,7 +395,8 @@ class EF21 {
             Fact{"compressor", "message for a probe vector", compressor_digest, Fact::Hash},
             Fact::real("options.gamma", o.gamma),
             Fact{"options.init", "value", static_cast<std::uint64_t>(o.init), Fact::Integer},
-            Fact{"options.weights", "values", detail::Digest{}.add(std::span<const double>(o.weights)).value(), Fact::Hash},
+            Fact{"options.weights", "values", detail::Digest{}.add(std::span<const double>(o.weights)).value(),
+                 Fact::Hash},
             Fact::real("options.participation", o.participation),
             Fact::real("options.momentum", o.momentum),
             Fact{"options.batch_size", "value", static_cast<std::uint64_t>(o.batch_size), Fact::Integer},
@@ -412,7 +414,7 @@ class EF21 {
   }
 
   // w_i and the client scales 1/(n w_i); the same on every process. Both enter the arithmetic in S,
-  // so every w_i must stay a normal number and every 1/(n w_i) finite there.
+  // so every w_i must stay a normal number there (then 1/(n w_i) <= 1/min is finite too).
   void set_weights() {
     constexpr auto function = "EF21::EF21";
     gradus::detail::require(n_ >= 1, function, "clients", "at least one client over all processes", n_);
@@ -425,12 +427,11 @@ class EF21 {
     double sum = 0;
     for (double weight : options_.weights) sum += weight;
     for (std::size_t i = 0; i < n; ++i) {
-      const double weight = options_.weights[i] / sum, scale = sum / (static_cast<double>(n_) * options_.weights[i]);
-      gradus::detail::require(weight >= std::numeric_limits<S>::min() && scale <= std::numeric_limits<S>::max(),
-                              function, "options.weights",
+      const double weight = options_.weights[i] / sum;
+      gradus::detail::require(weight >= std::numeric_limits<S>::min(), function, "options.weights",
                               "weights whose shares w_i / sum are normal numbers in the scalar type", weight);
       weights_[i] = static_cast<S>(weight);
-      scales_[i] = static_cast<S>(scale);
+      scales_[i] = static_cast<S>(sum / (static_cast<double>(n_) * options_.weights[i]));
     }
   }
 
@@ -542,7 +543,9 @@ class EF21 {
     }
     if (options_.monitor) {
       mean_gradient_.setZero(d);
-      for (const auto& gradient : exchange_.gradients) mean_gradient_ += Eigen::Map<const Vector<S>>(gradient.data(), d);
+      for (const auto& gradient : exchange_.gradients) {
+        mean_gradient_ += Eigen::Map<const Vector<S>>(gradient.data(), d);
+      }
       mean_gradient_ /= static_cast<S>(n_);
       info.grad_norm_sq = static_cast<double>(mean_gradient_.squaredNorm());
     }

@@ -106,11 +106,11 @@ inline double step_size(double L, std::span<const double> L_i, double alpha, Ste
   const double mean = rule == StepRule::QuadraticMean ? quadratic_mean(L_i) : arithmetic_mean(L_i);
   const double gamma = alpha / (alpha * L + mean * detail::root_factor(alpha));
   if (!(gamma >= std::numeric_limits<double>::min() && gamma <= std::numeric_limits<double>::max())) {
+    using gradus::detail::to_text;
     gradus::detail::throw_invalid_argument(function, "L, L_i",
-                                           "constants for which gamma = 1 / (L + Ltilde xi) is a normal positive double "
-                                           "(L = " + gradus::detail::to_text(L) + ", Ltilde = " +
-                                               gradus::detail::to_text(mean) + ")",
-                                           "gamma = " + gradus::detail::to_text(gamma));
+                                           "constants for which gamma = 1 / (L + Ltilde xi) is a normal positive "
+                                           "double (L = " + to_text(L) + ", Ltilde = " + to_text(mean) + ")",
+                                           "gamma = " + to_text(gamma));
   }
   return gamma;
 }
