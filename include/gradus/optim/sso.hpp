@@ -133,12 +133,18 @@ struct SSO {
 
  private:
   void validate() const {
-    detail::require_positive("SSO", "eta", eta);
+    detail::require_finite_positive("SSO", "eta", eta);
     detail::require_positive("SSO", "inner_steps", inner_steps);
-    detail::require_in_range("SSO", "armijo.c", armijo.c, S(0), S(1));
-    detail::require_in_range("SSO", "armijo.shrink", armijo.shrink, S(0), S(1));
-    detail::require(armijo.grow >= S(1), "SSO", "armijo.grow", "a value >= 1", armijo.grow);
-    detail::require_positive("SSO", "armijo.initial_step", armijo.initial_step);
+    // Armijo's constants: 0 < c < 1 (c = 0 accepts any increase), 0 < shrink < 1 (0 would end
+    // the search at a zero step), and finite steps.
+    const auto require_open_unit = [](std::string_view argument, S value) {
+      detail::require(value > S(0) && value < S(1), "SSO", argument, "a value in (0, 1)", value);
+    };
+    require_open_unit("armijo.c", armijo.c);
+    require_open_unit("armijo.shrink", armijo.shrink);
+    detail::require(armijo.grow >= S(1) && armijo.grow - armijo.grow == S(0), "SSO", "armijo.grow",
+                    "a finite value >= 1", armijo.grow);
+    detail::require_finite_positive("SSO", "armijo.initial_step", armijo.initial_step);
     detail::require_positive("SSO", "armijo.max_backtracks", armijo.max_backtracks);
   }
 
