@@ -25,7 +25,7 @@ std::vector<S> packet_exp(std::vector<S> x) {
   x.resize((n + kSize - 1) / kSize * kSize, S(-1));
   std::vector<S> y(x.size());
   for (std::size_t i = 0; i < x.size(); i += kSize) {
-    pstoreu(y.data() + i, detail::pexp_nonpositive(ploadu<PacketOf<S>>(x.data() + i)));
+    pstoreu(y.data() + i, gradus::detail::pexp_nonpositive(ploadu<PacketOf<S>>(x.data() + i)));
   }
   y.resize(n);
   return y;
