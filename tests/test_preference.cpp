@@ -807,3 +807,46 @@ TEST_CASE("sequence log-probs reject bad input", "[preference][tokens][errors]")
   CHECK(logprob.value_and_grad(z, y, Labels::Zero(3), dz) == 0);
   CHECK(dz.isZero());
 }
+
+TEMPLATE_TEST_CASE("sequence log-probs: ignore indices, an empty mean and non-finite logits", "[preference][tokens]",
+                   float, double) {
+  using S = TestType;
+  const S inf = std::numeric_limits<S>::infinity();
+  RowMatrix<S> z(3, 3), dz(3, 3);
+  z << 0, 1, 2, 1, 0, -1, 2, 2, 2;
+  Labels y(3), mask(3);
+  y << 2, -100, 1;  // TRL's ignore index at a masked position
+  mask << 1, 0, 1;
+  const SequenceLogProb<S> logprob;
+  CHECK_NOTHROW(logprob.value(z, y, mask));
+  CHECK_THROWS_WITH(logprob.value(z, y), Catch::Contains("'targets'") && Catch::Contains("-100 at position 1"));
+  // The mean over no counted token used to be NaN (with a zeroed gradient): now an error.
+  const SequenceLogProb<S> mean({.average = true});
+  CHECK_THROWS_WITH(mean.value(z, y, Labels::Zero(3)),
+                    "gradus::SequenceLogProb::value: argument 'mask': expected at least one counted position (the "
+                    "mean over no token), got no nonzero entry");
+  CHECK_THROWS_AS(mean.value_and_grad(z, y, Labels::Zero(3), dz), gradus::invalid_argument);
+  CHECK_THROWS_WITH(logprob.value(RowMatrix<S>(0, 0), Labels(0)), Catch::Contains("'logits'"));
+  CHECK(mean.value(z, y, mask) == Approx(logprob.value(z, y, mask) / 2));
+  // -inf elsewhere is a token of probability 0; at the target, log p = -inf with a finite gradient.
+  y << 2, 0, 1;
+  z.row(0) << -inf, 0, 0;
+  S value = logprob.value_and_grad(z, y, mask, dz);
+  CHECK(value == Approx(-std::log(2.0) + logprob.value(z.bottomRows(1), y.tail(1))));
+  CHECK(dz.allFinite());
+  CHECK(std::abs(dz(0, 0)) <= std::numeric_limits<S>::min());  // 0, or a denormal from Eigen's exp
+  z.row(0) << 0, 0, -inf;
+  CHECK(logprob.value_and_grad(z, y, mask, dz) == -inf);
+  CHECK(dz.allFinite());
+  // +inf or NaN in a counted row: NaN; in an uncounted row they do not count.
+  for (S bad : {inf, std::numeric_limits<S>::quiet_NaN()}) {
+    z.row(0) << 0, bad, 0;
+    CHECK(std::isnan(logprob.value_and_grad(z, y, mask, dz)));
+    CHECK(dz.row(0).hasNaN());
+    z.row(0) << 0, 0, 0;
+    z.row(1) << bad, 0, 0;
+    CHECK(std::isfinite(logprob.value_and_grad(z, y, mask, dz)));
+    CHECK(dz.row(1).isZero());
+    z.row(1) << 0, 0, 0;
+  }
+}

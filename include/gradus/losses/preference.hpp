@@ -422,11 +422,12 @@ class PreferenceLoss {
         // KL(Bernoulli(q) || Bernoulli(1 - eps)) with log q = -sp(-t), log(1 - q) = -sp(t).
         softplus(-t, sp, sigma);   // sp(-t) = -log q, sigma(-t) = 1 - q
         softplus(t, sp2, sigma2);  // sp(t) = -log(1 - q), sigma(t) = q
-        // A zero weight (t overflowed) takes no part: no 0 * inf.
+        // At t = +-inf (beta h overflowed) each term's weight is 0, and so is its limit: no 0 * inf.
+        const S inf = std::numeric_limits<S>::infinity();
         const Chunk q = sigma2 * (-sp - std::log1p(-eps)), p = sigma * (-sp2 - std::log(eps));
-        loss = (sigma2 == S(0)).select(Chunk::Zero(), q) + (sigma == S(0)).select(Chunk::Zero(), p);
-        const Chunk w = sigma2 * sigma;
-        da = beta * (w == S(0)).select(Chunk::Zero(), w * (t - (std::log1p(-eps) - std::log(eps))));
+        loss = (sp == inf).select(Chunk::Zero(), q) + (sp2 == inf).select(Chunk::Zero(), p);
+        const Chunk slope = sigma2 * sigma * (t - (std::log1p(-eps) - std::log(eps)));
+        da = beta * (t.abs() == inf).select(Chunk::Zero(), slope);
         db = -da;
         break;
       }
@@ -473,11 +474,12 @@ class PreferenceLoss {
         // m e^-t = exp(-t - sp(-t/tau)) stays finite where e^-t alone overflows; t clamped
         // to finite values there keeps its limit (0, or 1 at tau = 1) where beta h overflowed.
         const S tau = options_.discopop_tau, largest = std::numeric_limits<S>::max();
+        const S inf = std::numeric_limits<S>::infinity();
         const Chunk clamped = t.max(-largest).min(largest), u = clamped / tau;
         softplus(-t, sp, sigma);     // the DPO loss and its weight
         softplus(-u, sp2, sigma2);   // sigma2 = 1 - m
         const Chunk m = u.logistic(), me = (-clamped - sp2).exp();
-        const Chunk msp = (m == S(0)).select(Chunk::Zero(), m * sp);  // no 0 * inf at t = -inf
+        const Chunk msp = (sp == inf).select(Chunk::Zero(), m * sp);  // m sp -> 0 as t -> -inf
         loss = sigma2 * sp + me;
         da = beta * (-sigma2 * sigma - me + (sigma2 * me - sigma2 * msp) / tau);
         db = -da;

@@ -305,7 +305,9 @@ class RegretLoss {
     const S top = weights.maxCoeff();
     if (std::isinf(top)) return worst_sequence();
     for (Index j = 0; j < k; ++j) penalties(j) = h.value(regrets(j));
-    weights = (weights.array() - top).exp();
+    // std::exp: exactly 0 far below, where a vectorized exp may leave a denormal (which, times
+    // a large N, would give a losing sequence a gradient).
+    weights = (weights.array() - top).unaryExpr([](S x) { return std::exp(x); });
     weights /= weights.sum();
     const S loss = weights.dot(penalties);
     if (dregrets) {
