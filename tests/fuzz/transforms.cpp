@@ -41,7 +41,7 @@ void check_schedule(const gradus::LearningRate<S>& lr) {
   for (std::int64_t step : {std::int64_t(0), std::int64_t(1), std::int64_t(999), std::int64_t(1000), std::int64_t(1) << 40,
                             std::numeric_limits<std::int64_t>::max()}) {
     const S rate = lr(step);
-    FUZZ_CHECK(std::isfinite(rate) && rate >= 0, "learning rate " + fuzz::text(rate) + " at step " + std::to_string(step));
+    FUZZ_CHECK(std::isfinite(rate) && rate >= 0, "schedule learning rate " + fuzz::text(rate) + " at step " + std::to_string(step));
   }
 }
 
