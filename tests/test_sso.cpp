@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include <Eigen/Cholesky>
@@ -150,13 +151,30 @@ TEST_CASE("SSO works with cross-entropy over several outputs", "[sso]") {
 TEST_CASE("SSO rejects bad input and reports non-finite values", "[sso][errors]") {
   auto objective = logistic_objective<double>(30, 3, 0.0);
   Vector<double> theta = objective.model().init_params(1);
-  CHECK_THROWS_WITH(SSO<double>{.eta = 0}.init(theta), "gradus::SSO: argument 'eta': expected a value > 0, got 0");
+  CHECK_THROWS_WITH(SSO<double>{.eta = 0}.init(theta), "gradus::SSO: argument 'eta': expected a finite value > 0, got 0");
   CHECK_THROWS_AS(SSO<double>{.eta = -1}.init(theta), gradus::invalid_argument);
   CHECK_THROWS_AS(SSO<double>{.eta = std::nan("")}.init(theta), gradus::invalid_argument);
   CHECK_THROWS_WITH(SSO<double>{.inner_steps = 0}.init(theta),
                     "gradus::SSO: argument 'inner_steps': expected a value > 0, got 0");
   CHECK_THROWS_AS(SSO<double>{.armijo = {.c = 1.5}}.init(theta), gradus::invalid_argument);
   CHECK_THROWS_AS(SSO<double>{.armijo = {.shrink = 1.0}}.init(theta), gradus::invalid_argument);
+
+  // The edges of each domain: the last accepted value works, the next is refused.
+  const double big = std::numeric_limits<double>::max(), inf = std::numeric_limits<double>::infinity();
+  const double tiny = std::numeric_limits<double>::denorm_min(), below_one = std::nextafter(1.0, 0.0);
+  for (const SSO<double>& accepted : {SSO<double>{.eta = big}, SSO<double>{.eta = tiny},
+                                      SSO<double>{.armijo = {.c = tiny}}, SSO<double>{.armijo = {.c = below_one}},
+                                      SSO<double>{.armijo = {.shrink = tiny}}, SSO<double>{.armijo = {.shrink = below_one}},
+                                      SSO<double>{.armijo = {.grow = 1}}, SSO<double>{.armijo = {.grow = big}},
+                                      SSO<double>{.armijo = {.initial_step = big}}}) {
+    CHECK_NOTHROW(accepted.init(theta));
+  }
+  for (const SSO<double>& refused : {SSO<double>{.eta = inf}, SSO<double>{.armijo = {.c = 0}},
+                                     SSO<double>{.armijo = {.shrink = 0}}, SSO<double>{.armijo = {.grow = below_one}},
+                                     SSO<double>{.armijo = {.grow = inf}}, SSO<double>{.armijo = {.initial_step = inf}},
+                                     SSO<double>{.armijo = {.max_backtracks = 0}}}) {
+    CHECK_THROWS_AS(refused.init(theta), gradus::invalid_argument);
+  }
 
   const SSO<double> sso{};
   auto state = sso.init(theta);

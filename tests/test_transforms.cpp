@@ -633,6 +633,12 @@ TEMPLATE_TEST_CASE("every hyperparameter boundary: the last accepted value works
   CHECK_THROWS_AS(sgd<S>({.learning_rate = CosineDecay<S>{.alpha = below_zero}}), gradus::invalid_argument);
   CHECK(finite_update(sgd<S>({.learning_rate = LinearWarmup<S>{.warmup_steps = 0, .after = big}})));
   CHECK(finite_update(sgd<S>({.learning_rate = LinearWarmup<S>{.warmup_steps = 1000000000, .after = S(0.1)}})));
+  // Warming up to the largest rate: the fraction of the warmup comes first, so no rate overflows.
+  const LinearWarmup<S> to_big{.warmup_steps = 1000, .after = big};
+  for (std::int64_t step : {std::int64_t(0), std::int64_t(1), std::int64_t(999), std::int64_t(1000)}) {
+    CHECK(std::isfinite(to_big(step)));
+    CHECK(to_big(step) <= big);
+  }
   CHECK_THROWS_AS(sgd<S>({.learning_rate = LinearWarmup<S>{.warmup_steps = -1}}), gradus::invalid_argument);
   CHECK_THROWS_WITH(sgd<S>({.learning_rate = LinearWarmup<S>{.after = inf}}),
                     "gradus::LinearWarmup: argument 'after': expected a finite value > 0, got inf");

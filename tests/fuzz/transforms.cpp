@@ -3,7 +3,7 @@
 // learning-rate schedules, over a few steps of finite or special gradients.
 //
 // Asserted, for every call that does not throw:
-// - an accepted constant learning rate is finite; every schedule gives finite rates >= 0 at any
+// - an accepted constant learning rate is finite; every accepted schedule gives finite rates >= 0 at any
 //   step (0, 1, its boundaries, INT64_MAX), CosineDecay within [alpha initial, initial];
 // - with finite gradients: sgd without momentum gives u = -lr g bit for bit; (heavy-ball) momentum
 //   updates are finite where lr |g|_max 2 / (1 - mu) (times the steps) is below max(S)/16;
@@ -54,7 +54,7 @@ void harness(FuzzedDataProvider& in) {
   if (lr->is_constant()) {
     FUZZ_CHECK(std::isfinite((*lr)(0)) || !fuzz::accepts([&] { lr->validate("sgd"); }) || fuzz::muted("lr-inf"),
                "accepted the learning rate " + fuzz::text((*lr)(0)));
-  } else {
+  } else if (fuzz::accepts([&] { lr->validate("sgd"); })) {  // schedules are checked where a transform takes them
     check_schedule(*lr);
   }
   const S mu = fuzz::pick<S>(in, {S(0), S(0.9), fuzz::down(S(1)), S(1), L::denorm_min(), S(-0.0), fuzz::down(S(0)), L::quiet_NaN()});
@@ -121,7 +121,7 @@ void harness(FuzzedDataProvider& in) {
           if (!fuzz::accepts([&] { adam->update(u, a, params); })) return;
           chained->update(v, c, params);
           for (Index j = 0; j < d; ++j)
-            FUZZ_CHECK((std::isnan(u(j)) && std::isnan(v(j))) || std::abs(u(j) - v(j)) <= 4 * L::epsilon() * std::abs(u(j)),
+            FUZZ_CHECK((std::isnan(u(j)) && std::isnan(v(j))) || u(j) == v(j) || std::abs(u(j) - v(j)) <= 4 * L::epsilon() * std::abs(u(j)),
                        "chain(scale_by_adam, scale_by_learning_rate) != adam: " + fuzz::text(v(j)) + " vs " + fuzz::text(u(j)));
         }
         return;
@@ -132,7 +132,10 @@ void harness(FuzzedDataProvider& in) {
         first = false;
         for (Index j = 0; j < d; ++j) {
           const long double gj = g(j), expected = -(long double)state.learning_rate * gj / (std::abs(gj) + eps);
-          if (!(std::abs(expected) < scale_bound) || (gj == 0 && eps == 0)) continue;
+          // Moments of gradients below min / (1 - b1) are denormal, and lose the digits this compares.
+          if (!(std::abs(expected) < scale_bound) || (gj == 0 && eps == 0) ||
+              std::abs(gj) * (1 - (long double)b1) < L::min())
+            continue;
           const long double tolerance = (sizeof(S) == 4 ? 1e-4L : 1e-10L) * std::abs(expected) + L::min();
           FUZZ_CHECK(std::abs(u(j) - expected) <= tolerance || fuzz::muted("adam-range"),
                      "adam first step u_" + std::to_string(j) + " = " + fuzz::text(u(j)) + ", expected " + fuzz::text(double(expected)));
@@ -156,7 +159,8 @@ void harness(FuzzedDataProvider& in) {
           return;
         }
         const long double clipped = fuzz::norm(u);
-        FUZZ_CHECK(std::abs(clipped - c) <= 1e-5L * c || fuzz::muted("clip-range"),
+        // Entries rounded into the denormals are exact only to half the smallest denormal each.
+        FUZZ_CHECK(std::abs(clipped - c) <= 1e-5L * c + d * (long double)L::denorm_min() || fuzz::muted("clip-range"),
                    "clipped norm " + fuzz::text(double(clipped)) + " != max_norm " + fuzz::text(max_norm) + " (||g|| " + fuzz::text(double(norm)) + ")");
         for (Index j = 0; j < d; ++j) FUZZ_CHECK(!(u(j) * g(j) < 0), "clip flipped a sign");
       });

@@ -152,7 +152,8 @@ struct LinearWarmup {
     after.validate("LinearWarmup", "after");
   }
   S operator()(std::int64_t step) const {
-    if (step < warmup_steps) return after(0) * static_cast<S>(step + 1) / static_cast<S>(warmup_steps);
+    // The fraction first: rate * (step + 1) could overflow where the warmed-up rate does not.
+    if (step < warmup_steps) return after(0) * (static_cast<S>(step + 1) / static_cast<S>(warmup_steps));
     return after(step - warmup_steps);
   }
 };
@@ -780,8 +781,11 @@ class Adam {
     const auto& o = options_;
     const S factor = apply_learning_rate_ ? -(state.learning_rate = o.learning_rate.at(name_, state.step)) : S(1);
     ++state.step;
+    // m_hat / (sqrt(v_hat) + eps) as c1 (m / (sqrt(c2) sqrt(v) + eps)): the same number, but
+    // m_hat = c1 m may overflow where the ratio does not (a gradient near the largest S), and a
+    // v whose square overflowed then gives 0, not inf / inf.
     const S c1 = S(1) / (S(1) - std::pow(o.b1, static_cast<S>(state.step)));
-    const S c2 = S(1) / (S(1) - std::pow(o.b2, static_cast<S>(state.step)));
+    const S root_c2 = std::sqrt(S(1) / (S(1) - std::pow(o.b2, static_cast<S>(state.step))));
     // Blocks small enough for L1: the three statements then cost one pass over memory.
     constexpr Index block = 512;
     for (Index start = 0; start < params.size(); start += block) {
@@ -792,9 +796,9 @@ class Adam {
       m = o.b1 * m + (S(1) - o.b1) * g;
       v = o.b2 * v + (S(1) - o.b2) * g.square();
       if (o.weight_decay == S(0)) {
-        g = factor * ((c1 * m) / ((c2 * v).sqrt() + o.eps));
+        g = factor * (c1 * (m / (root_c2 * v.sqrt() + o.eps)));
       } else {
-        g = factor * ((c1 * m) / ((c2 * v).sqrt() + o.eps) + o.weight_decay * params.segment(start, n).array());
+        g = factor * (c1 * (m / (root_c2 * v.sqrt() + o.eps)) + o.weight_decay * params.segment(start, n).array());
       }
     }
   }
