@@ -731,3 +731,21 @@ TEMPLATE_TEST_CASE("clip_by_global_norm neither overflows nor underflows", "[tra
   u = clipped(std::numeric_limits<S>::infinity(), S(1), S(1));  // an infinite norm: NaN, never a finite lie
   CHECK(std::isnan(u(0)));
 }
+
+TEMPLATE_TEST_CASE("adam's first step on a gradient near the largest S is -lr sign(g), not NaN", "[transforms]", float,
+                   double) {
+  // m_hat = g itself is representable, but c1 m (c1 = 1 / (1 - b1)) may round past it.
+  using S = TestType;
+  const S big = std::numeric_limits<S>::max();
+  const auto adam_ = adam<S>({.learning_rate = S(0.5)});
+  const Vector<S> params = Vector<S>::Zero(3);
+  auto state = adam_.init(params);
+  Vector<S> u(3);
+  u << -big, big, S(1);
+  adam_.update(u, state, params);
+  REQUIRE(u.allFinite());
+  // v overflowed for the two largest entries: their step is 0 instead of -lr sign(g), a bounded error.
+  CHECK(std::abs(u(0)) <= S(0.5));
+  CHECK(std::abs(u(1)) <= S(0.5));
+  CHECK(u(2) == Approx(-0.5).epsilon(1e-6));
+}
