@@ -641,6 +641,159 @@ TEMPLATE_TEST_CASE("ExoPair and DiscoPOP keep their limits where beta h overflow
   }
 }
 
+namespace {
+
+// The DPO family in long double from the S inputs: per-pair (per-rank) values and the gradient of
+// the reduced loss in pc, pr, rc, rr, with the ranks of the Aot kinds in a stable sort.
+struct WideDpo {
+  std::vector<long double> per_pair, dpc, dpr, drc, drr;
+  long double value = 0;
+};
+
+template <class S>
+WideDpo wide_dpo(const PreferenceOptions<S>& o, const Vector<S>& pc, const Vector<S>& pr, const Vector<S>& rc,
+                 const Vector<S>& rr) {
+  using W = long double;
+  const auto n = static_cast<std::size_t>(pc.size());
+  const bool paired = o.kind == K::Aot, sorted = paired || o.kind == K::AotUnpaired;
+  std::vector<W> a(n), b(n);
+  for (std::size_t i = 0; i < n; ++i) {
+    const auto k = static_cast<Index>(i);
+    a[i] = paired ? W(pc(k)) - W(pr(k)) : W(pc(k)) - W(rc(k));
+    b[i] = paired ? W(rc(k)) - W(rr(k)) : W(pr(k)) - W(rr(k));
+  }
+  std::vector<std::size_t> ai(n), bi(n);
+  for (std::size_t i = 0; i < n; ++i) ai[i] = bi[i] = i;
+  if (sorted) {
+    std::stable_sort(ai.begin(), ai.end(), [&](std::size_t i, std::size_t j) { return a[i] < a[j]; });
+    std::stable_sort(bi.begin(), bi.end(), [&](std::size_t i, std::size_t j) { return b[i] < b[j]; });
+  }
+  const W beta = o.beta, eps = o.epsilon;
+  const W c = o.kind == K::Sigmoid ? 0 : o.kind == K::Robust ? -eps / (1 - 2 * eps) : eps;
+  const W scale = o.reduction == Reduction::Mean ? W(1) / W(n) : W(1);
+  const auto sp = [](W x) { return x > 0 ? x + std::log1p(std::exp(-x)) : std::log1p(std::exp(x)); };
+  WideDpo r;
+  r.per_pair.resize(n), r.dpc.resize(n), r.dpr.resize(n), r.drc.resize(n), r.drr.resize(n);
+  for (std::size_t k = 0; k < n; ++k) {
+    const std::size_t i = ai[k], j = bi[k];
+    const W t = beta * (a[i] - b[j]);
+    const W loss = o.kind == K::Sigmoid ? sp(-t) : o.kind == K::Robust ? sp(-t) + c * t
+                                                                       : (1 - eps) * sp(-t) + eps * sp(t);
+    r.per_pair[k] = loss;
+    r.value += loss;
+    const W da = scale * beta * (c - 1 / (1 + std::exp(t)));
+    r.dpc[i] += da;
+    (paired ? r.dpr[i] : r.drc[i]) -= da;
+    (paired ? r.drc[j] : r.dpr[j]) -= da;
+    r.drr[j] += da;
+  }
+  r.value *= scale;
+  return r;
+}
+
+// x is the long double e rounded to S: equal where e is beyond S, else within a few roundings.
+template <class S>
+bool rounds_to(S x, long double e) {
+  const long double rounded = static_cast<S>(e);
+  if (std::isinf(rounded)) return x == rounded;
+  return std::abs(x - e) <= 16 * std::numeric_limits<S>::epsilon() * std::abs(e) + std::numeric_limits<S>::min();
+}
+
+}  // namespace
+
+// Finite log-probs whose differences pc - rc, pr - rr (or the Aot keys), margin h or t = beta h
+// overflow S: the DPO family gives the exact value and gradients rounded to S, not inf - inf.
+TEMPLATE_TEST_CASE("DPO family: exact where a difference or beta h overflows S", "[preference][numerics]", float,
+                   double) {
+  using S = TestType;
+  using L = std::numeric_limits<S>;
+  const S max = L::max();
+  struct Case {
+    PreferenceOptions<S> options;
+    std::vector<S> pc, pr, rc, rr;
+  };
+  const std::vector<Case> cases = {
+      // rDPO: pc - rc overflows, the exact value is -eps t / (1 - 2 eps), about -3.5e36 in float.
+      {{.kind = K::Robust, .beta = S(10), .epsilon = S(1e-3), .reduction = Reduction::Sum},
+       {max / 65}, {S(-2)}, {-max}, {S(1e30)}},
+      // AotUnpaired at beta = max(S), eps = 1: sp(t) at t -> -inf, 0 (was inf - inf).
+      {{.kind = K::AotUnpaired, .beta = max, .epsilon = S(1), .reduction = Reduction::Sum},
+       {L::min()}, {-L::denorm_min()}, {S(3314322.5)}, {S(-8)}},
+      // AotUnpaired, eps just below 1: (1 - eps) |t| is finite where t is not.
+      {{.kind = K::AotUnpaired, .beta = S(10), .epsilon = std::nextafter(S(1), S(0)), .reduction = Reduction::None},
+       {-L::denorm_min(), S(-8)}, {S(-2), S(0)}, {S(-8), S(-3)}, {S(5), -max}},
+      // Aot: the sorted margin overflows S.
+      {{.kind = K::Aot, .beta = S(0.1), .epsilon = S(0.25), .reduction = Reduction::Sum},
+       {max * S(0.545)}, {max * S(0.541)}, {-max}, {S(6)}},
+      // Aot: t = beta h overflows, eps t does not.
+      {{.kind = K::Aot, .beta = max / 4, .epsilon = S(1e-3), .reduction = Reduction::Sum},
+       {L::denorm_min(), S(-100)}, {S(-100), S(-100)}, {S(-100), S(-100)}, {S(-6), S(-100)}},
+      // cDPO at t -> -inf: 0 at eps = 1, finite just below, +inf (beyond S) at eps = 1/2.
+      {{.kind = K::Conservative, .beta = max, .epsilon = S(1), .reduction = Reduction::Mean},
+       {S(-1)}, {S(3)}, {S(0)}, {S(0)}},
+      {{.kind = K::Conservative, .beta = max, .epsilon = std::nextafter(S(1), S(0)), .reduction = Reduction::Mean},
+       {S(-1)}, {S(3)}, {S(0)}, {S(0)}},
+      {{.kind = K::Conservative, .beta = max, .epsilon = S(0.5), .reduction = Reduction::Mean},
+       {S(-1)}, {S(3)}, {S(0)}, {S(0)}},
+      // DPO: pc - rc overflows S but the margin h = max / 100 does not, and t = 2.
+      {{.kind = K::Sigmoid, .beta = S(200) / max, .reduction = Reduction::Mean},
+       {max}, {max}, {-max / 100}, {S(0)}},
+  };
+  int index = 0;
+  for (const Case& c : cases) {
+    ++index;
+    for (Index copies : {1, 17}) {  // a lone pair (chunks) and whole SIMD packets (the hot path)
+      INFO("case " << index << ", " << name(c.options.kind) << ", " << copies << " copies");
+      const Index m = static_cast<Index>(c.pc.size()), n = m * copies;
+      Vector<S> pc(n), pr(n), rc(n), rr(n);
+      for (Index i = 0; i < n; ++i) {
+        const auto j = static_cast<std::size_t>(i % m);
+        pc(i) = c.pc[j], pr(i) = c.pr[j], rc(i) = c.rc[j], rr(i) = c.rr[j];
+      }
+      const PreferenceLoss<S> loss(c.options);
+      const WideDpo exact = wide_dpo(c.options, pc, pr, rc, rr);
+      Vector<S> dpc(n), dpr(n), drc(n), drr(n), per_pair(n);
+      const S value = loss.value_and_grad(pc, pr, rc, rr, dpc, dpr, drc, drr);
+      loss.values(pc, pr, rc, rr, per_pair);
+      CAPTURE(value, double(exact.value));
+      CHECK(rounds_to(value, exact.value));
+      CHECK(rounds_to(loss.value(pc, pr, rc, rr), exact.value));
+      bool ok = true;
+      for (Index i = 0; i < n; ++i) {
+        const auto k = static_cast<std::size_t>(i);
+        ok = ok && rounds_to(per_pair(i), exact.per_pair[k]) && rounds_to(dpc(i), exact.dpc[k]) &&
+             rounds_to(dpr(i), exact.dpr[k]) && rounds_to(drc(i), exact.drc[k]) && rounds_to(drr(i), exact.drr[k]);
+      }
+      CHECK(ok);
+      CHECK(dpc.allFinite());
+      CHECK(drr.allFinite());
+    }
+  }
+  // The reproducer of the rDPO finding in float: about -3.46e36, was -inf.
+  if constexpr (std::is_same_v<S, float>) {
+    Vector<S> pc(1), pr(1), rc(1), rr(1);
+    pc << S(5.243935e36), pr << S(-2), rc << -max, rr << S(1e30);
+    const PreferenceLoss<S> robust({.kind = K::Robust, .beta = S(10), .epsilon = S(1e-3), .reduction = Reduction::Sum});
+    CHECK(robust.value(pc, pr, rc, rr) == Approx(-3.462187e36).epsilon(1e-5));
+  }
+}
+
+// Infinite inputs keep their limits and NaN its propagation: the long double pass is for finite ones.
+TEMPLATE_TEST_CASE("DPO family: non-finite inputs are not recomputed", "[preference][numerics]", float, double) {
+  using S = TestType;
+  const S inf = std::numeric_limits<S>::infinity();
+  for (K kind : {K::Sigmoid, K::Robust, K::Conservative}) {
+    INFO(name(kind));
+    const PreferenceLoss<S> loss({.kind = kind, .beta = S(1), .epsilon = S(0.1), .reduction = Reduction::Sum});
+    Vector<S> pc = Vector<S>::Zero(3), pr = Vector<S>::Zero(3), dpc(3), dpr(3);
+    pc(1) = -inf;
+    if (kind != K::Conservative) CHECK(loss.value_and_grad(pc, pr, dpc, dpr) == inf);  // cDPO: inf - inf, as before
+    pc(2) = std::numeric_limits<S>::quiet_NaN();
+    CHECK(std::isnan(loss.value_and_grad(pc, pr, dpc, dpr)));
+    CHECK(std::isnan(dpc(2)));
+  }
+}
+
 // ---- Sequence log-probabilities from token logits ----
 
 namespace {

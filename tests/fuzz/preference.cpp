@@ -6,7 +6,10 @@
 // - with finite inputs: the value is finite wherever the exact one (a long double reference of
 //   the per-pair formulas at the top of losses/preference.hpp) is below max(S)/16; it is >= 0
 //   for every kind but Robust; the gradients are finite (IPO and SppoHard: wherever
-//   2 (|a| + |b| + 1/beta) is below max(S)/16); the reward accuracy is in [0, 1];
+//   2 (|a| + |b| + 1/beta) is below max(S)/16); the reward accuracy is in [0, 1]. The DPO family
+//   (Sigmoid, Robust, Conservative, Aot, AotUnpaired) is held to this for every finite input; the
+//   other kinds only where the log-ratios a = pc - rc, b = pr - rr and the margin a - b are finite
+//   in S (beyond S's range they count as infinite, as losses/preference.hpp states);
 // - the gradients are exact negatives where the loss depends on a difference: dpc = -dpr for
 //   the kinds of the margin h = a - b and for Aot (of pc - pr), drc = -dpc and drr = -dpr for
 //   every kind but Aot (of a = pc - rc and b = pr - rr), drr = -drc for Aot;
@@ -187,6 +190,14 @@ void harness(FuzzedDataProvider& in) {
     if (any_nan) FUZZ_CHECK(std::isnan(value), "a NaN input gave the value " + fuzz::text(value));
     return;
   }
+  const bool dpo = k == PreferenceKind::Sigmoid || k == PreferenceKind::Robust || k == PreferenceKind::Conservative ||
+                   k == PreferenceKind::Aot || k == PreferenceKind::AotUnpaired;
+  bool ratios_finite = true;
+  for (Index i = 0; i < n; ++i) {
+    const S a = pc(i) - rc(i), b = pr(i) - rr(i), h = a - b;
+    ratios_finite = ratios_finite && std::isfinite(h);  // NaN or inf if a, b or h overflowed
+  }
+  if (!dpo && !ratios_finite) return;  // documented: those log-ratios count as infinite
   const LD exact = reference(o, pc, pr, rc, rr);
   const std::string at = " (value " + fuzz::text(value) + ", reference " + fuzz::text(double(exact)) + ")";
   if (std::abs(exact) < L::max() / 16) FUZZ_CHECK(std::isfinite(value), "non-finite value where the exact one is finite" + at);

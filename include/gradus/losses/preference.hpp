@@ -47,9 +47,16 @@
 // as t -> -inf, and so does its slope); epsilon as above; kind and reduction among their
 // enumerators.
 // Non-finite inputs: NaN propagates to the value and the gradients. An infinite margin gives the
-// DPO family its limits (like PyTorch's logsigmoid), and Hinge NaN; log-ratios pc - rc, pr - rr
-// beyond S's range count as infinite. A finite margin h whose t = beta h overflows S gets each
-// kind's limit at t = +-inf (cDPO and Aot at t = -inf: NaN, from sp(-t) + eps t = inf - inf).
+// DPO family its limits (like PyTorch's logsigmoid), and Hinge NaN.
+// Finite inputs, DPO family (Sigmoid, Robust, Conservative, Aot, AotUnpaired): where a difference
+// (pc - rc, pr - rr, the Aot keys, the margin h) or t = beta h overflows S, the batch is computed
+// again in long double, where none of them can (|t| <= 4 max(S)^2 for float and double on x86,
+// where long double has a wider range than double); cDPO and Aot as (1-eps) sp(-t) + eps sp(t),
+// so t -> -inf gives +inf (0 at eps = 1), not inf - inf. Each value and gradient is then the
+// exact one rounded to S (inf only where that exceeds S). This rare path is taken only when the
+// fast pass ends with a non-finite sum of losses or of margins, so it costs the hot loop nothing.
+// The other kinds: log-ratios pc - rc, pr - rr and a margin h beyond S's range count as infinite,
+// and a finite margin h whose t = beta h overflows S gets each kind's limit at t = +-inf.
 
 #include <algorithm>
 #include <cmath>
@@ -351,7 +358,7 @@ class PreferenceLoss {
   // instead of a log). Adds to the sums; returns the number of pairs done.
   template <class A>
   Index dpo_packets(const S* pc, const S* pr, const S* rc, const S* rr, Index n, S scale, const Outputs& out,
-                    A& total, A& chosen, A& rejected, A& correct) const {
+                    A& total, A& chosen, A& rejected, A& correct, A& margins) const {
     using namespace Eigen::internal;
     const Packet beta = pset1<Packet>(options_.beta), c = pset1<Packet>(dpo_linear_term());
     const Packet slope = pset1<Packet>(scale * options_.beta), one = pset1<Packet>(S(1)), zero = pzero(one);
@@ -381,7 +388,9 @@ class PreferenceLoss {
         }
       }
       total += softplus.flush();
-      if (dpo_linear_term() != 0) total += A(dpo_linear_term()) * A(predux(t_lanes));  // DPO: no 0 * inf
+      const S t_sum = predux(t_lanes);
+      margins += t_sum;  // non-finite where a difference or beta h overflowed (or an input is not finite)
+      if (dpo_linear_term() != 0) total += A(dpo_linear_term()) * A(t_sum);  // DPO: no 0 * inf
       chosen += predux(chosen_lanes);
       rejected += predux(rejected_lanes);
       correct += predux(correct_lanes);
@@ -542,18 +551,22 @@ class PreferenceLoss {
     // Sums in double (or wider S): N may be large.
     using Accumulator = decltype(S() + double());
     Accumulator total = 0, chosen = 0, rejected = 0, correct = 0;
+    Accumulator margins = 0;  // DPO family: the sum of t (packets) or h (chunks), finite unless something overflowed
+    const bool dpo = in_dpo_family(kind);
     // The DPO family without per-pair values, the hot path, runs its whole packets apart
     // (where SoftplusSum is exact: float or double, with FMA).
     constexpr bool packets = detail::kFusedMultiplyAdd && (std::is_same_v<S, float> || std::is_same_v<S, double>);
     Index done = 0;
     if (packets && in_dpo_family(kind) && !sorts(kind) && !out.per_pair) {
-      done = dpo_packets(pc.data(), pr.data(), rc.data(), rr.data(), n, scale, out, total, chosen, rejected, correct);
+      done = dpo_packets(pc.data(), pr.data(), rc.data(), rr.data(), n, scale, out, total, chosen, rejected, correct,
+                         margins);
     }
     // The rest chunk by chunk, any kind.
     auto pass = [&](auto kernel) {
       for (Index block = done; block < n; block += kBlock) {
         const Index end = std::min(n, block + kBlock);
         Chunk total_lanes = Chunk::Zero(), chosen_lanes = Chunk::Zero(), rejected_lanes = Chunk::Zero();
+        Chunk margin_lanes = Chunk::Zero();
         for (Index start = block; start < end; start += kLanes) {
           const Index m = std::min(kLanes, end - start);
           Chunk a = load(pc - rc, start, m), b = load(pr - rr, start, m);
@@ -566,6 +579,7 @@ class PreferenceLoss {
             a = load(sorted.a, start, m);
             b = load(sorted.b, start, m);
           }
+          if (dpo) margin_lanes += a - b;  // the padding adds 0
           Chunk loss, da, db;
           kernel(a, b, loss, da, db);
           if (m < kLanes) loss.tail(kLanes - m).setZero();
@@ -576,12 +590,18 @@ class PreferenceLoss {
         total += total_lanes.sum();
         chosen += chosen_lanes.sum();
         rejected += rejected_lanes.sum();
+        if (dpo) margins += margin_lanes.sum();
       }
     };
-    if (in_dpo_family(kind))
+    if (dpo)
       pass([this](auto&... x) { dpo_family(x...); });
     else
       pass([this](auto&... x) { pair_losses(x...); });
+    // Something overflowed S or an input is not finite (rare): finite inputs go again in long double.
+    if (dpo && !(std::isfinite(total) && std::isfinite(margins)) && pc.allFinite() && pr.allFinite() &&
+        rc.allFinite() && rr.allFinite()) {
+      return dpo_wide(pc, pr, rc, rr, out);
+    }
     if (out.metrics) {
       const Accumulator beta = options_.beta, count = static_cast<Accumulator>(n);
       out.metrics->chosen_reward = static_cast<S>(beta * chosen / count);
@@ -590,6 +610,79 @@ class PreferenceLoss {
       out.metrics->reward_accuracy = static_cast<S>(correct / count);
     }
     return static_cast<S>(reduce_mean ? total / static_cast<Accumulator>(n) : total);
+  }
+
+  // The DPO family, pair by pair in long double, for finite inputs whose differences or t = beta h
+  // overflow S: value, per-pair values, gradients and metrics, each rounded to S once.
+  template <class V>
+  S dpo_wide(const V& pc, const V& pr, const V& rc, const V& rr, const Outputs& out) const {
+    using W = long double;
+    const Index n = pc.size();
+    const auto count = static_cast<std::size_t>(n);
+    const PreferenceKind kind = options_.kind;
+    const bool paired = kind == PreferenceKind::Aot;
+    std::vector<W> a(count), b(count);
+    std::vector<Index> a_index(count), b_index(count);
+    W chosen = 0, rejected = 0, correct = 0;
+    for (std::size_t i = 0; i < count; ++i) {
+      const auto k = static_cast<Index>(i);
+      const W x = W(pc(k)) - W(rc(k)), y = W(pr(k)) - W(rr(k));
+      chosen += x;
+      rejected += y;
+      correct += x > y;
+      a[i] = paired ? W(pc(k)) - W(pr(k)) : x;
+      b[i] = paired ? W(rc(k)) - W(rr(k)) : y;
+    }
+    std::iota(a_index.begin(), a_index.end(), Index(0));
+    std::iota(b_index.begin(), b_index.end(), Index(0));
+    if (sorts(kind)) {
+      const auto at = [](const std::vector<W>& keys) {
+        return [&keys](Index i, Index j) { return keys[static_cast<std::size_t>(i)] < keys[static_cast<std::size_t>(j)]; };
+      };
+      std::stable_sort(a_index.begin(), a_index.end(), at(a));
+      std::stable_sort(b_index.begin(), b_index.end(), at(b));
+    }
+    const W beta = options_.beta, eps = options_.epsilon;
+    const W c = kind == PreferenceKind::Sigmoid ? W(0) : kind == PreferenceKind::Robust ? -eps / (1 - 2 * eps) : eps;
+    const bool mean = options_.reduction == Reduction::Mean;
+    const W scale = mean ? W(1) / W(n) : W(1);
+    const auto softplus_wide = [](W x) { return x > 0 ? x + std::log1p(std::exp(-x)) : std::log1p(std::exp(x)); };
+    W total = 0;
+    for (std::size_t k = 0; k < count; ++k) {
+      const auto i = static_cast<std::size_t>(a_index[k]), j = static_cast<std::size_t>(b_index[k]);
+      const W t = beta * (a[i] - b[j]);
+      const W loss = kind == PreferenceKind::Sigmoid ? softplus_wide(-t)
+                     : kind == PreferenceKind::Robust ? softplus_wide(-t) + c * t
+                                                      : (1 - eps) * softplus_wide(-t) + eps * softplus_wide(t);
+      total += loss;
+      if (out.per_pair) out.per_pair[k] = static_cast<S>(loss);
+      if (!out.dpolicy_chosen) continue;
+      const S da = static_cast<S>(scale * beta * (c - 1 / (1 + std::exp(t))));  // sigma(-t) = 1 / (1 + e^t)
+      if (!sorts(kind)) {
+        out.dpolicy_chosen[k] = da;
+        out.dpolicy_rejected[k] = -da;
+        if (out.dreference_chosen) out.dreference_chosen[k] = -da;
+        if (out.dreference_rejected) out.dreference_rejected[k] = da;
+        continue;
+      }
+      // As scatter(): a_plus, a_minus at the rank's a key, b_plus, b_minus (db = -da) at its b key.
+      out.dpolicy_chosen[i] = da;
+      if (paired) out.dpolicy_rejected[i] = -da;
+      else if (out.dreference_chosen) out.dreference_chosen[i] = -da;
+      if (paired) {
+        if (out.dreference_chosen) out.dreference_chosen[j] = -da;
+      } else {
+        out.dpolicy_rejected[j] = -da;
+      }
+      if (out.dreference_rejected) out.dreference_rejected[j] = da;
+    }
+    if (out.metrics) {
+      out.metrics->chosen_reward = static_cast<S>(beta * chosen / W(n));
+      out.metrics->rejected_reward = static_cast<S>(beta * rejected / W(n));
+      out.metrics->reward_margin = static_cast<S>(beta * (chosen - rejected) / W(n));
+      out.metrics->reward_accuracy = static_cast<S>(correct / W(n));
+    }
+    return static_cast<S>(mean ? total / W(n) : total);
   }
 
   // Entries start..start+m of the vector expression x as a chunk, zero past m.
