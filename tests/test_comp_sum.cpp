@@ -713,9 +713,10 @@ TEMPLATE_TEST_CASE("gradients at underflow match a long-double oracle on every p
 }
 
 // Class weights of 1e38 each on one row of 4 logits: the weight sum overflowed float, and
-// c W = 0 * inf made the gradient NaN beside a value of 0.342. Weights anywhere in [0, max]
-// give what the unweighted loss gives, scaled by the weights, or exactly it for a mean.
-TEMPLATE_TEST_CASE("class weights from the denormals to the largest finite give finite, exact results", "[comp_sum]",
+// c W = 0 * inf made the gradient NaN beside a value of 0.342. Weights anywhere in the accepted
+// domain (0, or normal up to the largest finite) give what the unweighted loss gives, scaled by
+// the weights, or exactly it for a mean.
+TEMPLATE_TEST_CASE("class weights from the smallest normal to the largest finite give finite, exact results", "[comp_sum]",
                    float, double) {
   using S = TestType;
   using limits = std::numeric_limits<S>;
@@ -731,7 +732,7 @@ TEMPLATE_TEST_CASE("class weights from the denormals to the largest finite give 
       const S sum = plain_sum.value_and_grad(h, y, g_plain_sum);
       Vector<S> per_plain(n), per(n);
       plain.values(h, y, per_plain);
-      for (const S w : {S(1e38), limits::max(), limits::denorm_min(), limits::min(), S(1e-30)}) {
+      for (const S w : {S(1e36), limits::max() / S(c + 1), limits::min(), S(1e-30)}) {
         INFO(c << " classes, tau " << tau << ", weights " << w);
         const Vector<S> weight = Vector<S>::Constant(c, w);
         CHECK(CompSumLoss<S>({.tau = S(tau), .weight = weight}).value_and_grad(h, y, g) == Approx(mean).epsilon(tolerance));
@@ -758,11 +759,11 @@ TEMPLATE_TEST_CASE("class weights from the denormals to the largest finite give 
         }
       }
     }
-    // Mixed: one class 1e38 and one denormal, labels on both; label smoothing with the weights'
-    // sum at the largest finite.
+    // Mixed: one class 1e38 and one of the smallest normal weight, labels on both; label
+    // smoothing with the weights' sum near the largest finite.
     Vector<S> mixed = Vector<S>::Ones(c);
     mixed(0) = S(1e38);
-    mixed(1) = limits::denorm_min();
+    mixed(1) = limits::min();
     Labels y01 = y;
     for (Index i = 0; i < n; ++i) y01(i) = int(i % 2);
     RowMatrix<S> g(n, c);
@@ -820,7 +821,7 @@ TEMPLATE_TEST_CASE("accepted domains: their edges work, the next values are reje
   }
   rejects([] { CrossEntropyLoss<S>({.label_smoothing = std::nextafter(S(1), S(2))}); }, "options.label_smoothing");
   rejects([] { CrossEntropyLoss<S>({.label_smoothing = -limits::denorm_min()}); }, "options.label_smoothing");
-  // weight: finite entries >= 0; with label smoothing their sum finite too.
+  // weight: entries 0 or normal and finite, whose sum is finite in S (with or without smoothing).
   Vector<S> halves = Vector<S>::Constant(2, limits::max() / 2);
   const RowMatrix<S> h2 = h.leftCols(2);
   Labels y2 = y;
@@ -828,11 +829,246 @@ TEMPLATE_TEST_CASE("accepted domains: their edges work, the next values are reje
   RowMatrix<S> g2(20, 2);
   CHECK(std::isfinite(CrossEntropyLoss<S>({.weight = halves, .label_smoothing = S(0.1)}).value_and_grad(h2, y2, g2)));
   CHECK(g2.allFinite());
+  CHECK(std::isfinite(CrossEntropyLoss<S>({.weight = halves}).value_and_grad(h2, y2, g2)));
+  CHECK(g2.allFinite());
   halves(1) = std::nextafter(halves(1), limits::infinity());
-  CHECK_NOTHROW(CrossEntropyLoss<S>({.weight = halves}));
+  rejects([&] { CrossEntropyLoss<S>({.weight = halves}); }, "options.weight");
   rejects([&] { CrossEntropyLoss<S>({.weight = halves, .label_smoothing = S(0.1)}); }, "options.weight");
   rejects([] { CrossEntropyLoss<S>({.weight = Vector<S>::Constant(3, limits::infinity())}); }, "options.weight");
   rejects([] { CrossEntropyLoss<S>({.weight = Vector<S>::Constant(3, -limits::denorm_min())}); }, "options.weight");
+}
+
+// The reduced loss by its definition in long double: weights, ignore_index and smoothing.
+template <class S>
+long double weighted_reference(const CompSumOptions<S>& o, const RowMatrix<S>& h, const Labels& y) {
+  long double total = 0, denominator = 0;
+  const long double tau = o.tau, eps = o.label_smoothing;
+  auto v = [&](Index j) { return o.weight.size() ? (long double)o.weight(j) : 1.0L; };
+  for (Index i = 0; i < h.rows(); ++i) {
+    if (y(i) == o.ignore_index) continue;
+    long double top = -INFINITY, sum = 0;
+    for (Index j = 0; j < h.cols(); ++j) top = std::max(top, (long double)h(i, j));
+    for (Index j = 0; j < h.cols(); ++j) sum += std::exp((long double)h(i, j) - top);
+    auto lp = [&](Index j) { return (long double)h(i, j) - top - std::log(sum); };
+    const long double lpy = lp(y(i));
+    long double l = v(y(i)) == 0 ? 0 : v(y(i)) * (tau == 1 ? -lpy : -std::expm1((tau - 1) * lpy) / (tau - 1));
+    if (eps > 0) {
+      long double smooth = 0;
+      for (Index j = 0; j < h.cols(); ++j) smooth += v(j) * -lp(j);
+      l = (1 - eps) * l + eps / h.cols() * smooth;
+    }
+    total += l;
+    denominator += v(y(i));
+  }
+  return o.reduction == Reduction::Mean ? total / denominator : total;
+}
+
+template <class S>
+RowMatrix<S> row_of(std::initializer_list<S> values) {
+  RowMatrix<S> h(1, Index(values.size()));
+  Index j = 0;
+  for (const S x : values) h(0, j++) = x;
+  return h;
+}
+
+template <class S>
+Vector<S> vector_of(std::initializer_list<S> values) {
+  Vector<S> v(Index(values.size()));
+  Index j = 0;
+  for (const S x : values) v(j++) = x;
+  return v;
+}
+
+// Class weights at the ends of their domain. A denormal weight made 1/denominator overflow
+// (scale inf, 0 * inf = NaN: weight [5e-324, 10, 4.2], smoothing 5e-324, logits [-8, -8, -8],
+// label 0 gave NaN; tau 2/3, weight [8, 1.39e-309, 8], logits [4, -4, -4], label 1, a
+// non-finite gradient); weights whose sum is finite only in long double ([1e4, 6.2e307, 1.8e308],
+// smoothing 1 - 2^-53, logits [-7, 0.5, 2.2e-16], label 2, ignore_index 1) gave inf for 0.379.
+// Denormal weights and sums beyond the largest S are now rejected; the edges of the domain work.
+TEMPLATE_TEST_CASE("class weights at the ends of their domain: denormals and overflowing sums rejected, the edges exact",
+                   "[comp_sum]", float, double) {
+  using S = TestType;
+  using limits = std::numeric_limits<S>;
+  auto rejects = [](auto&& make) {
+    try {
+      make();
+      FAIL("no throw");
+    } catch (const gradus::invalid_argument& e) {
+      CHECK(std::string(e.what()).find("'options.weight'") != std::string::npos);
+    }
+  };
+  const S largest_denormal = std::nextafter(limits::min(), S(0));
+  // The reproducers, their denormal weight, then the smallest normal one in its place.
+  rejects([&] { CompSumLoss<S>({.weight = vector_of<S>({limits::denorm_min(), 10, S(4.2)}), .label_smoothing = limits::denorm_min()}); });
+  rejects([&] { CompSumLoss<S>({.weight = vector_of<S>({largest_denormal, 10, S(4.2)})}); });
+  rejects([&] { CompSumLoss<S>({.tau = S(2) / 3, .weight = vector_of<S>({8, largest_denormal, 8})}); });
+  rejects([&] { CompSumLoss<S>({.weight = vector_of<S>({-limits::min(), 10, S(4.2)})}); });
+  const Labels y0 = Labels::Constant(1, 0), y1 = Labels::Constant(1, 1), y2 = Labels::Constant(1, 2);
+  RowMatrix<S> g(1, 3);
+  Vector<S> per(1);
+  for (const Reduction reduction : {Reduction::Mean, Reduction::Sum}) {
+    INFO("reduction " << int(reduction));
+    const CompSumOptions<S> tiny{.reduction = reduction, .weight = vector_of<S>({limits::min(), 10, S(4.2)}),
+                                 .label_smoothing = limits::denorm_min()};
+    const RowMatrix<S> flat = row_of<S>({-8, -8, -8});
+    CHECK(close_to(CompSumLoss<S>(tiny).value_and_grad(flat, y0, g), weighted_reference(tiny, flat, y0), 16));
+    CHECK(g.allFinite());
+    for (const S tau : {S(2) / 3, S(0), S(2), S(3)}) {
+      INFO("tau " << tau);
+      const CompSumOptions<S> o{.tau = tau, .reduction = reduction, .weight = vector_of<S>({8, limits::min(), 8})};
+      const RowMatrix<S> h = row_of<S>({4, -4, -4});
+      CHECK(close_to(CompSumLoss<S>(o).value_and_grad(h, y1, g), weighted_reference(o, h, y1), 64));
+      CHECK(g.allFinite());
+      CompSumLoss<S>(o).values(h, y1, per);
+      CHECK(std::isfinite(per(0)));
+    }
+  }
+  // Sums: the largest finite works, with and without smoothing; the next one is rejected.
+  const S big = limits::max() / 4;
+  const S rest = limits::max() / 2;
+  for (const S eps : {S(0), std::nextafter(S(1), S(0)), S(0.5)}) {
+    INFO("smoothing " << eps);
+    const CompSumOptions<S> o{.weight = vector_of<S>({S(1e4), big, rest}), .ignore_index = 1, .label_smoothing = eps};
+    const RowMatrix<S> h = row_of<S>({-7, S(0.5), limits::epsilon()});
+    const long double exact = weighted_reference(o, h, y2);
+    CHECK(close_to(CompSumLoss<S>(o).value_and_grad(h, y2, g), exact, 64));
+    CHECK(g.allFinite());
+    rejects([&] { CompSumLoss<S>({.weight = vector_of<S>({S(1e4), big, limits::max()}), .label_smoothing = eps}); });
+  }
+  const S half = limits::max() / 2;
+  const RowMatrix<S> pair = row_of<S>({S(0.5), -2});
+  CHECK(close_to(CompSumLoss<S>({.weight = vector_of<S>({half, half}), .label_smoothing = S(0.5)}).value(pair, y0),
+                 weighted_reference<S>({.weight = vector_of<S>({half, half}), .label_smoothing = S(0.5)}, pair, y0), 16));
+  rejects([&] { CompSumLoss<S>({.weight = vector_of<S>({half, std::nextafter(half, limits::infinity())})}); });
+  // A mean over a tiny weight with smoothing: its spread eps/(C v_y) > 1 multiplies last
+  // (the weight sum times it overflowed, and inf * log s = inf * 0 was NaN for 5000).
+  for (const S eps : {S(1), S(0.5), limits::denorm_min()}) {
+    INFO("smoothing " << eps);
+    const CompSumOptions<S> o{.weight = vector_of<S>({limits::min(), limits::max() / 2}), .label_smoothing = eps};
+    for (const Index c : {Index(2), Index(20)}) {  // the few-class blocks and the rows
+      RowMatrix<S> h = RowMatrix<S>::Constant(3, 2, S(0));
+      h.col(0).setConstant(S(-1e4));
+      if (c == 20) {
+        RowMatrix<S> wide = RowMatrix<S>::Constant(3, 20, S(-1e4));
+        wide.leftCols(2) = h;
+        h = wide;
+      }
+      CompSumOptions<S> oc = o;
+      oc.weight = Vector<S>::Zero(c);
+      oc.weight.head(2) = o.weight;
+      const Labels y = Labels::Zero(3);
+      RowMatrix<S> gc(3, c);
+      const long double exact = weighted_reference(oc, h, y);
+      INFO(c << " classes, exact " << double(exact));
+      REQUIRE(std::isfinite(double(exact)));
+      CHECK(close_to(CompSumLoss<S>(oc).value_and_grad(h, y, gc), exact, 256, 1e4));
+    }
+  }
+}
+
+// A class weight of 0 times an overflowing sum-exponential loss (float tau 0, weight [0, 6],
+// logits [-9921.9, -8], label 0) gave NaN in values(): the row now contributes exactly 0, like an
+// ignored row, on every path (few-class blocks, rows, float AVX-512 rows).
+TEMPLATE_TEST_CASE("a row of class weight 0 contributes exactly 0, even where its loss overflows", "[comp_sum]", float,
+                   double) {
+  using S = TestType;
+  for (const Index c : {Index(2), Index(5), Index(20)}) {
+    for (const Index n : {Index(1), Index(3), Index(40)}) {
+      for (const S tau : {S(0), S(0.5)}) {
+        INFO(n << " x " << c << ", tau " << tau);
+        RowMatrix<S> h = RowMatrix<S>::Constant(n, c, S(-8));
+        Labels y = Labels::Zero(n);
+        for (Index i = 0; i < n; ++i) {
+          if (i % 2 == 0) {
+            h(i, 0) = S(-9921.875);  // weight 0, a loss beyond the largest float and double
+          } else {
+            y(i) = 1;
+            h(i, 1) = S(-6);
+          }
+        }
+        Vector<S> weight = Vector<S>::Constant(c, S(3));
+        weight(0) = 0;
+        weight(1) = 6;
+        const CompSumOptions<S> o{.tau = tau, .reduction = Reduction::Sum, .weight = weight, .ignore_index = -100};
+        const CompSumLoss<S> loss(o);
+        Vector<S> per(n);
+        loss.values(h, y, per);
+        RowMatrix<S> g(n, c);
+        const S value = loss.value_and_grad(h, y, g);
+        CHECK(std::isfinite(value));
+        CHECK(close_to(value, weighted_reference(o, h, y), 16 * double(n)));
+        CHECK(g.allFinite());
+        for (Index i = 0; i < n; i += 2) {
+          CHECK(per(i) == 0);
+          CHECK((g.row(i).array() == 0).all());
+        }
+        for (Index i = 1; i < n; i += 2) CHECK(per(i) > 0);
+        // Mean over the counted weights (the odd rows), and the value() path.
+        if (n > 1) {
+          CompSumOptions<S> mean = o;
+          mean.reduction = Reduction::Mean;
+          CHECK(close_to(CompSumLoss<S>(mean).value(h, y), weighted_reference(mean, h, y), 16 * double(n)));
+        } else {
+          CHECK(loss.value(h, y) == 0);
+        }
+      }
+    }
+  }
+}
+
+// A row whose logit spread overflows S is outside what the kernel computes (float smoothing
+// 1e-45, logits [-3.38e38, 2.50e38] gave NaN, as documented); spreads up to the largest finite
+// work with label smoothing.
+TEMPLATE_TEST_CASE("label smoothing over logit spreads up to the largest finite", "[comp_sum]", float, double) {
+  using S = TestType;
+  using limits = std::numeric_limits<S>;
+  const Labels y = Labels::Constant(1, 1);
+  RowMatrix<S> g(1, 2);
+  for (const S eps : {limits::denorm_min(), S(0.1), S(1)}) {
+    for (const S z : {limits::max() / 4, limits::max() / 2}) {
+      INFO("smoothing " << eps << ", logits +-" << z);
+      const CompSumOptions<S> o{.label_smoothing = eps};
+      const RowMatrix<S> h = row_of<S>({-z, z});
+      // Accurate to the rounding of lse at |h| = z, and to the smoothing term's own size where
+      // eps/C rounds in the denormals.
+      const S value = CrossEntropyLoss<S>({.label_smoothing = eps}).value_and_grad(h, y, g);
+      const long double exact = weighted_reference(o, h, y);
+      CHECK(std::isfinite(value));
+      CHECK(std::fabs(value - exact) <= 8 * limits::epsilon() * exact + (long double)eps * z + limits::denorm_min());
+      CHECK(g.allFinite());
+    }
+  }
+}
+
+// Rows of many classes without a gradient (value(), values()) took the others' sum as s - e_y,
+// which loses its digits as p_y nears 1: tau 2, logits [27.346045, -8 (16 times)], label 0 gave
+// per-sample values away from value_and_grad()'s 7.1372e-15. It is now summed around the label.
+TEMPLATE_TEST_CASE("value() and values() of confident many-class rows match value_and_grad()", "[comp_sum]", float,
+                   double) {
+  using S = TestType;
+  for (const Index c : {Index(17), Index(64)}) {
+    for (const S tau : {S(2), S(1.7), S(3), S(0.5)}) {
+      for (const int label : {0, 5, int(c) - 1}) {
+        INFO(c << " classes, tau " << tau << ", label " << label);
+        RowMatrix<S> h = RowMatrix<S>::Constant(1, c, S(-8));
+        h(0, label) = S(27.346045);
+        const Labels y = Labels::Constant(1, label);
+        const CompSumOptions<S> o{.tau = tau, .reduction = Reduction::Sum};
+        const CompSumLoss<S> loss(o);
+        RowMatrix<S> g(1, c);
+        Vector<S> per(1);
+        const S value = loss.value_and_grad(h, y, g);
+        loss.values(h, y, per);
+        const long double exact = weighted_reference(o, h, y);
+        // Near the reference (itself rounded: log of 1 + 7e-15 in long double); the three agree
+        // to a few eps.
+        CHECK(std::fabs(value - exact) <= 1e-4L * exact);
+        CHECK(std::fabs(per(0) - exact) <= 1e-4L * exact);
+        CHECK(std::fabs(per(0) - value) <= 8 * std::numeric_limits<S>::epsilon() * value);
+        CHECK(std::fabs(loss.value(h, y) - value) <= 8 * std::numeric_limits<S>::epsilon() * value);
+      }
+    }
+  }
 }
 
 // Reduction(7) behaved as Sum.

@@ -141,10 +141,12 @@ struct CompSumTerms {
   A value, a, b, c;
 };
 
-// The label smoothing's share c of each class weight v_j (eps/C times the job's scale).
+// The label smoothing's share c of each class weight v_j (eps/C times the job's scale). eps
+// meets the scale first: eps/C alone may round a denormal eps to 0, while eps * scale <= scale
+// is finite and, for a mean over tiny weights, far from the denormals.
 template <class S>
 S smoothing_spread(const CompSumJob<S>& job) {
-  return job.smoothing / S(job.cols) * job.scale;
+  return job.smoothing * job.scale / S(job.cols);
 }
 
 // exp of non-positive lanes by pexp_nonpositive (denormals and 0 right where Eigen's exp is not).
@@ -173,7 +175,9 @@ A log_p_y(const CompSumJob<S>& job, const A& shifted, const A& log_s, const A& e
 // With m the row max and s = sum_j exp(h_j - m): lp = log_p_y, and
 // dot = c sum_j v_j (h_j - m) (c = smoothing_spread), both shifted by m so that large logits
 // lose no digits. Products are ordered so that none overflows before the result does: a large
-// class weight meets the factors <= 1 first (1/t last), and a = b without label smoothing.
+// class weight meets the factors <= 1 first (1/t last), and a = b without label smoothing;
+// c > 1 (a mean over tiny weights) comes last instead. A row of weight 0 has value and b
+// exactly 0, even where its loss overflows (tau < 1: 0 * inf would be NaN).
 template <class S, class A>
 EIGEN_ALWAYS_INLINE CompSumTerms<A> comp_sum_terms(const CompSumJob<S>& job, const A& lp, const A& log_s, const A& dot,
                                                     const A& v_y, const A& active) {
@@ -186,13 +190,21 @@ EIGEN_ALWAYS_INLINE CompSumTerms<A> comp_sum_terms(const CompSumJob<S>& job, con
   } else {
     const A tlp = t * lp;  // <= 0 for tau > 1: p_y^(tau-1) underflows to denormals and 0, as it should
     terms.value = weight * (tlp.expm1() * (-1 / t));
-    terms.b = weight * (t > 0 ? exp_nonpositive(tlp) : A(tlp.exp()));
+    if (t > 0) {
+      terms.b = weight * exp_nonpositive(tlp);
+    } else {  // tau < 1: the loss and p_y^(tau-1) may overflow
+      const auto counted = weight != S(0);
+      terms.value = counted.select(terms.value, A(A::Zero()));
+      terms.b = counted.select(weight * tlp.exp(), A(A::Zero()));
+    }
   }
-  terms.c = active * smoothing_spread(job);
+  const S spread = smoothing_spread(job);
+  terms.c = active * spread;
   terms.a = terms.b;
   if (job.smoothing > 0) {
-    terms.value += terms.c * job.class_weight_sum * log_s - dot;
-    terms.a += terms.c * job.class_weight_sum;
+    const S w = job.class_weight_sum;
+    terms.value += (spread > 1 ? A(w * log_s * terms.c) : A(terms.c * w * log_s)) - dot;
+    terms.a += terms.c * w;
   }
   return terms;
 }
@@ -301,8 +313,10 @@ S comp_sum_row(const CompSumJob<S>& job, Index i, S* scratch) {
   const S m = max_of(x, n);
   S dot = 0;
   if (job.smoothing > 0) {
-    const S c = smoothing_spread(job);
-    dot = job.class_weight ? ((row - m) * c * Row(job.class_weight, n)).sum() : c * (row - m).sum();
+    const S c = smoothing_spread(job);  // c > 1 (a mean over tiny weights) multiplies last
+    if (!job.class_weight) dot = c * (row - m).sum();
+    else if (c > 1) dot = ((row - m) * Row(job.class_weight, n) * c).sum();
+    else dot = ((row - m) * c * Row(job.class_weight, n)).sum();
   }
   // Memory is requested about 8 KiB ahead (at least the next row): closer does not hide
   // its latency behind the exps (1.3x slower at 4096 x 1000 floats on the AMD EPYC VM this
@@ -312,12 +326,21 @@ S comp_sum_row(const CompSumJob<S>& job, Index i, S* scratch) {
   const S* next_x = prefetch ? x + ahead * job.ld_logits : nullptr;
   S* next_g = prefetch && g != nullptr && scratch == nullptr ? g + ahead * job.ld_grad : nullptr;
   S* e = scratch != nullptr && g != nullptr ? scratch : g;
-  // Without a gradient row the exps are not kept: e_y and the others' sum then come from s.
-  const S s = sum_exp(x, e, n, m, next_x, next_g);
+  // Without a gradient row the exps are not kept: with tau != 1 the others' sum is then taken
+  // around the label (two calls, the same exps), since s - e_y loses its digits as p_y nears 1;
+  // cross-entropy takes it from s.
+  S s, e_y, others;
+  if (e == nullptr && job.tau != 1) {
+    e_y = std::exp(h_y - m);
+    others = sum_exp(x, e, Index(y), m, next_x) + sum_exp(x + y + 1, e, n - y - 1, m, next_x ? next_x + y + 1 : nullptr);
+    s = e_y + others;
+  } else {
+    s = sum_exp(x, e, n, m, next_x, next_g);
+    e_y = e != nullptr ? e[y] : std::exp(h_y - m);
+    others = s - e_y;
+  }
   const S log_s = std::log(s);
   const S v_y = job.class_weight ? job.class_weight[y] : S(1);
-  const S e_y = e != nullptr ? e[y] : std::exp(h_y - m);
-  S others = s - e_y;
   if (e != nullptr && job.tau != 1 && e_y > others) {  // the sum without the label, for log_p_y
     e[y] = 0;
     others = Eigen::Map<Eigen::Array<S, Eigen::Dynamic, 1>>(e, n).sum();
@@ -481,8 +504,12 @@ S comp_sum_block(const CompSumJob<S>& job, Index first, Index count, Index end) 
   }
   Lanes dot = Lanes::Zero();
   if (job.smoothing > 0) {
-    const S spread = smoothing_spread(job);
-    for (Index c = 0; c < n; ++c) dot += spread * v(c) * (LaneMap(t + c * L) - m);
+    const S spread = smoothing_spread(job);  // spread > 1 (a mean over tiny weights) multiplies last
+    if (spread > 1) {
+      for (Index c = 0; c < n; ++c) dot += (LaneMap(t + c * L) - m) * v(c) * spread;
+    } else {
+      for (Index c = 0; c < n; ++c) dot += spread * v(c) * (LaneMap(t + c * L) - m);
+    }
   }
   // The label's exp is taken out of t as it is computed: `others`, the sum of the rest, gives
   // 1 - p_y to full precision for the label's gradient entry (see comp_sum_row).

@@ -11,13 +11,19 @@
 // The gradient is cross-entropy's, rescaled per row: dl/dh = p_y^(tau-1) (p - e_y).
 // Computed in the log domain, lp = h_y - logsumexp(h), l = -expm1((tau-1) lp)/(tau-1), so logits
 // of any magnitude give finite values and gradients for tau >= 1. For tau < 1 the value is
-// unbounded and overflows to inf once p_y underflows.
+// unbounded and overflows to inf once p_y underflows. A row whose logit spread max - min
+// overflows S (beyond the largest finite) is outside what the kernel computes: it gives
+// NaN/inf.
 //
 // PyTorch's cross_entropy options, with its semantics:
 // - weight (per class, empty = none): sample i counts v_{y_i} times; the mean divides by the
-//   sum of v_{y_i} over the counted samples. Any finite weights >= 0 work, from the denormals
-//   to the largest finite (a mean whose 1/denominator is no normal S scales the weights
-//   instead); with label smoothing their sum must be finite too, since it weighs every class.
+//   sum of v_{y_i} over the counted samples. Accepted: each entry 0 or a normal finite number
+//   (std::numeric_limits<S>::min() <= v_j <= max; denormals are rejected, their 1/denominator
+//   would overflow), with a sum that is finite in S (sum_j v_j <= max), with or without label
+//   smoothing. (A mean whose 1/denominator is no normal S scales the weights instead.)
+//   A row whose class weight is 0 contributes exactly 0 to the value and the gradient without
+//   label smoothing, even where its unweighted loss overflows (tau < 1); with smoothing it
+//   keeps its smoothing term (eps/C) sum_j v_j (-log p_j), as in PyTorch.
 // - ignore_index: rows with this label contribute nothing (value 0, zero gradient row) and
 //   are not counted. A mean over no counted sample is NaN (as in PyTorch), its gradient zero.
 // - label_smoothing eps (tau = 1 only; rejected otherwise): the target is (1-eps) e_y + eps/C,
@@ -51,7 +57,7 @@ template <class S>
 struct CompSumOptions {
   S tau = 1;                             // finite, >= 0
   Reduction reduction = Reduction::Mean;  // one of its three enumerators
-  Vector<S> weight{};                    // per class, finite, >= 0; empty = none
+  Vector<S> weight{};                    // per class, 0 or normal finite, sum finite; empty = none
   int ignore_index = -100;
   S label_smoothing = 0;                 // in [0, 1]; only for tau = 1
 };
@@ -100,15 +106,26 @@ class CompSumLoss {
     detail::require_in_range(function, "options.label_smoothing", options_.label_smoothing, S(0), S(1), true);
     detail::require(options_.label_smoothing == 0 || options_.tau == 1, function, "options.label_smoothing",
                     "0 unless tau = 1 (label smoothing is defined for cross-entropy)", options_.label_smoothing);
+    // Each weight 0 or normal: a denormal one would make 1/denominator overflow. Their sum
+    // (taken in long double) finite in S: label smoothing weighs every class, and the mean's
+    // scaled path divides it.
     long double sum = 0;
     for (Index j = 0; j < options_.weight.size(); ++j) {
-      detail::require(options_.weight(j) >= 0 && std::isfinite(options_.weight(j)), function, "options.weight",
-                      "finite entries >= 0", options_.weight(j));
-      sum += options_.weight(j);
+      const S v = options_.weight(j);
+      if (!(v == 0 || (v >= std::numeric_limits<S>::min() && v <= std::numeric_limits<S>::max()))) {
+        detail::throw_invalid_argument(function, "options.weight",
+                                       "entries 0 or normal and finite (>= " +
+                                           detail::to_text(std::numeric_limits<S>::min()) + ", no denormals)",
+                                       detail::to_text(v) + " at index " + detail::to_text(static_cast<long long>(j)));
+      }
+      sum += v;
     }
-    // Label smoothing spreads over every class: its term needs the total weight as an S.
-    detail::require(options_.label_smoothing == 0 || sum <= std::numeric_limits<S>::max(), function, "options.weight",
-                    "entries whose sum is finite in the scalar type (label smoothing weighs every class)", double(sum));
+    if (!(sum <= std::numeric_limits<S>::max())) {
+      detail::throw_invalid_argument(function, "options.weight",
+                                     "entries whose sum is finite in the scalar type (at most " +
+                                         detail::to_text(std::numeric_limits<S>::max()) + ")",
+                                     detail::to_text(sum));
+    }
     weight_sum_ = S(sum);
   }
 
