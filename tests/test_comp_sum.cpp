@@ -1040,6 +1040,28 @@ TEMPLATE_TEST_CASE("label smoothing over logit spreads up to the largest finite"
   }
 }
 
+// Label smoothing on a many-class row whose entries lie max/4 apart: the sum of h_j - m over
+// the row overflowed before eps/C met it (double, smoothing 0.1, 16 classes, logits -8 and
+// 4.49e307, label 15: inf for 4.49e306).
+TEMPLATE_TEST_CASE("label smoothing: the sum over a row of wide logits overflows no sooner than the value", "[comp_sum]",
+                   float, double) {
+  using S = TestType;
+  using limits = std::numeric_limits<S>;
+  for (const Index c : {Index(16), Index(40)}) {
+    RowMatrix<S> h = RowMatrix<S>::Constant(1, c, S(-8));
+    h(0, c - 1) = limits::max() / 4;
+    const Labels y = Labels::Constant(1, int(c) - 1);
+    const CompSumOptions<S> o{.reduction = Reduction::Sum, .label_smoothing = S(0.1)};
+    RowMatrix<S> g(1, c);
+    const S value = CompSumLoss<S>(o).value_and_grad(h, y, g);
+    const long double exact = weighted_reference(o, h, y);
+    INFO(c << " classes: " << value << " for " << double(exact));
+    CHECK(std::isfinite(value));
+    CHECK(std::fabs(value - exact) <= 1e-5L * exact);
+    CHECK(g.allFinite());
+  }
+}
+
 // Rows of many classes without a gradient (value(), values()) took the others' sum as s - e_y,
 // which loses its digits as p_y nears 1: tau 2, logits [27.346045, -8 (16 times)], label 0 gave
 // per-sample values away from value_and_grad()'s 7.1372e-15. It is now summed around the label.

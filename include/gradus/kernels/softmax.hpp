@@ -314,7 +314,7 @@ S comp_sum_row(const CompSumJob<S>& job, Index i, S* scratch) {
   S dot = 0;
   if (job.smoothing > 0) {
     const S c = smoothing_spread(job);  // c > 1 (a mean over tiny weights) multiplies last
-    if (!job.class_weight) dot = c * (row - m).sum();
+    if (!job.class_weight) dot = ((row - m) * c).sum();  // c <= 1 first: C spreads may overflow
     else if (c > 1) dot = ((row - m) * Row(job.class_weight, n) * c).sum();
     else dot = ((row - m) * c * Row(job.class_weight, n)).sum();
   }
@@ -326,18 +326,14 @@ S comp_sum_row(const CompSumJob<S>& job, Index i, S* scratch) {
   const S* next_x = prefetch ? x + ahead * job.ld_logits : nullptr;
   S* next_g = prefetch && g != nullptr && scratch == nullptr ? g + ahead * job.ld_grad : nullptr;
   S* e = scratch != nullptr && g != nullptr ? scratch : g;
-  // Without a gradient row the exps are not kept: with tau != 1 the others' sum is then taken
-  // around the label (two calls, the same exps), since s - e_y loses its digits as p_y nears 1;
-  // cross-entropy takes it from s.
-  S s, e_y, others;
-  if (e == nullptr && job.tau != 1) {
-    e_y = std::exp(h_y - m);
-    others = sum_exp(x, e, Index(y), m, next_x) + sum_exp(x + y + 1, e, n - y - 1, m, next_x ? next_x + y + 1 : nullptr);
-    s = e_y + others;
-  } else {
-    s = sum_exp(x, e, n, m, next_x, next_g);
-    e_y = e != nullptr ? e[y] : std::exp(h_y - m);
-    others = s - e_y;
+  // Without a gradient row the exps are not kept: e_y and the others' sum then come from s,
+  // except with tau != 1 where p_y > 1/2: s - e_y loses its digits as p_y nears 1, so the
+  // others' sum is taken again around the label (s stays the one value_and_grad() sees).
+  const S s = sum_exp(x, e, n, m, next_x, next_g);
+  const S e_y = e != nullptr ? e[y] : std::exp(h_y - m);
+  S others = s - e_y;
+  if (e == nullptr && job.tau != 1 && e_y > others) {
+    others = sum_exp(x, e, Index(y), m) + sum_exp(x + y + 1, e, n - y - 1, m);
   }
   const S log_s = std::log(s);
   const S v_y = job.class_weight ? job.class_weight[y] : S(1);
