@@ -1004,3 +1004,75 @@ TEMPLATE_TEST_CASE("AnyLoss F1 without positives nor predicted positives is unde
             .value_and_grad(Vector<S>::Zero(n), Labels::Zero(n), grad) == 1);
   CHECK(grad.isZero(0));
 }
+
+// Each row of a multi-class gradient from logits sums to zero, as the softmax's Jacobian rows
+// do: within (C + 1)^2 2 eps of its l1 norm plus 2 C denormals, what the backward pass
+// guarantees (g - g_r for the row's most probable class r before the dot product).
+template <class S>
+void check_row_sums(const RowMatrix<S>& dZ) {
+  const S eps = std::numeric_limits<S>::epsilon();
+  const Index c = dZ.cols();
+  for (Index i = 0; i < dZ.rows(); ++i) {
+    const long double sum = dZ.row(i).template cast<long double>().sum();
+    const long double l1 = dZ.row(i).template cast<long double>().cwiseAbs().sum();
+    INFO("row " << i << ": sum " << double(sum) << ", l1 norm " << double(l1));
+    CHECK(std::abs(sum) <= 2 * (c + 1) * (c + 1) * eps * l1 + 2 * c * std::numeric_limits<S>::denorm_min());
+  }
+}
+
+TEMPLATE_TEST_CASE("AnyLoss multi-class gradient rows sum to zero where the g_c are nearly equal", "[anyloss]", float,
+                   double) {
+  using S = TestType;
+  const auto run = [](const AnyLossOptions<S>& o, const RowMatrix<S>& Z, const Labels& y) {
+    RowMatrix<S> dZ(Z.rows(), Z.cols());
+    const S value = AnyLoss<S>(o).value_and_grad(Z, y, dZ);
+    CHECK(std::isfinite(value));
+    REQUIRE(dZ.allFinite());
+    check_row_sums<S>(dZ);
+    return dZ;
+  };
+  SECTION("accuracy, L = 1: dz of 1e-19 beside g of 1e-2") {
+    RowMatrix<S> Z(1, 5);
+    Z << 0, 0, 0, -8, 8;
+    run({.metric = Metric::Accuracy, .amplify = 1, .beta = std::numeric_limits<S>::denorm_min(), .stabilizer = 1}, Z,
+        Labels::Zero(1));
+  }
+  SECTION("G-mean, L = 73, rows of equal logits") {
+    RowMatrix<S> Z(4, 2);
+    Z << -4, -4, -4, 3, 0, 4, 4, 4;
+    Labels y(4);
+    y << 0, 1, 0, 0;
+    run({.metric = Metric::GMean}, Z, y);
+  }
+  SECTION("F_beta, beta 1/2, L = 73") {
+    RowMatrix<S> Z(1, 2);
+    Z << -4, 4;
+    run({.metric = Metric::FBeta, .beta = S(0.5)}, Z, Labels::Ones(1));
+  }
+  SECTION("a label class of vanishing probability beside equal ones") {
+    // p_0 ~ 1e-16 and three classes with the same g: dz_1..3 ~ p_0 g, far below eps |g|.
+    RowMatrix<S> Z(3, 4);
+    Z << -30, 5, 5, 5, -40, 0, 0, 0, 3, 3, 3, -60;
+    Labels y(3);
+    y << 0, 0, 3;
+    for (const Metric metric : kMetrics) {
+      INFO("metric " << int(metric));
+      run({.metric = metric, .amplify = 10, .stabilizer = S(1e-5)}, Z, y);
+    }
+  }
+  SECTION("slopes beyond float's range: the backward pass in double") {
+    // L = 200 and p_0 ~ 1: class 0's 1 - a is e^-100, its TN tiny, its slope beyond float.
+    const auto log_tn = [](auto, auto, auto, auto tn) {
+      using std::log;
+      return log(tn);
+    };
+    const Index n = 9, c = 3;
+    RowMatrix<S> Z = RowMatrix<S>::Zero(n, c), dZ(n, c);
+    Z.col(0).setConstant(S(30));
+    Z(0, 1) = Z(0, 2) = S(1e-3);
+    const Labels y = make_labels(n, c);
+    CHECK(std::isfinite(any_loss<S>(log_tn, {.amplify = 200}).value_and_grad(Z, y, dZ)));
+    REQUIRE(dZ.allFinite());
+    check_row_sums<S>(dZ);
+  }
+}

@@ -605,7 +605,13 @@ class SoftConfusion {
   }
 
   // slopes: C x 2, dloss/da for the class's positives and negatives. dloss/dp = slope * da/dp;
-  // with logits, back through the softmax: dz = p (g - <p, g>), the dot product lane-wise.
+  // with logits, back through the softmax: dz = p (g' - <p, g'>), the dot product lane-wise,
+  // where g' = g - g_r and r is the row's most probable class (the first of ties): the same dz
+  // (softmax rows sum to 1), but rounded relative to |g'|, not |g|. With the g_c nearly equal,
+  // dz is much smaller than g, and <p, g> (1 - sum p) alone would be rounding of order eps |g|;
+  // with p_r >= 1/C, |<p, g'>| <= (C + 1) sum |dz|, so each row of dz sums to zero within
+  // about (3C^2 + 2C + 1)/2 eps of its l1 norm (C eps with an FMA dot product, else 2C eps, for
+  // the dot, C eps for 1 - sum p, 2 eps for the rest), plus C denormals of underflow.
   // Slopes that do not fit S take the scalar loop, in double.
   void multiclass_grad(const Eigen::Ref<const Labels>& labels, const Eigen::Array<double, Eigen::Dynamic, 2>& slopes,
                        bool logits, Eigen::Ref<RowMatrix<S>>& dZ) {
@@ -624,10 +630,20 @@ class SoftConfusion {
         const P slope = pselect(lanes_of_class<S>(y, c), pset1<P>(slopes_(c, 0)), pset1<P>(slopes_(c, 1)));
         pstore(g + c * kSize, pmul(pload<P>(da + c * kSize), slope));
       }
-      if (logits) {
+      if (logits) {  // g - g_ref first, g_ref that of the row's most probable class
         const S* p = probabilities_.data() + q * panel;
-        P dot = pmul(pload<P>(p), pload<P>(g));
-        for (Index c = 1; c < classes; ++c) dot = pmadd(pload<P>(p + c * kSize), pload<P>(g + c * kSize), dot);
+        P top = pload<P>(p), ref = pload<P>(g);
+        for (Index c = 1; c < classes; ++c) {
+          const P pc = pload<P>(p + c * kSize), above = pcmp_lt(top, pc);
+          top = pselect(above, pc, top);
+          ref = pselect(above, pload<P>(g + c * kSize), ref);
+        }
+        P dot = pzero(ref);
+        for (Index c = 0; c < classes; ++c) {
+          const P shifted = psub(pload<P>(g + c * kSize), ref);
+          pstore(g + c * kSize, shifted);
+          dot = pmadd(pload<P>(p + c * kSize), shifted, dot);
+        }
         for (Index c = 0; c < classes; ++c) {
           pstore(g + c * kSize, pmul(pload<P>(p + c * kSize), psub(pload<P>(g + c * kSize), dot)));
         }
@@ -650,10 +666,16 @@ class SoftConfusion {
     Eigen::ArrayXd g(classes);
     for (Index i = 0; i < dZ.rows(); ++i) {
       const Index at = i / kSize * classes * kSize + i % kSize;  // row i, class 0, in the panel layout
-      double dot = 0;
+      Index top = 0;
       for (Index c = 0; c < classes; ++c) {
         g(c) = double(da_(at + c * kSize)) * slopes(c, labels(i) == c ? 0 : 1);
-        if (logits) dot += double(probabilities_(at + c * kSize)) * g(c);
+        if (logits && probabilities_(at + top * kSize) < probabilities_(at + c * kSize)) top = c;
+      }
+      double dot = 0;
+      if (logits) {  // g - g_ref first, as in multiclass_grad
+        const double ref = g(top);
+        g -= ref;
+        for (Index c = 0; c < classes; ++c) dot += double(probabilities_(at + c * kSize)) * g(c);
       }
       for (Index c = 0; c < classes; ++c) {
         dZ(i, c) = S(logits ? double(probabilities_(at + c * kSize)) * (g(c) - dot) : g(c));
