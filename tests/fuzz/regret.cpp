@@ -5,7 +5,10 @@
 //   and the largest penalty h(R_j) of the k sequences (a convex combination);
 // - the gradient is finite where also (1 + N) (2 T max |l|)^3 is below max(S)/16;
 // - from logits, each gradient row sums to zero (the softmax's Jacobian rows do) within
-//   8 (d + 2) eps dR sum_a pi_a (|l_a| + |<l, pi>|) plus d denormals.
+//   |dR| sum_a pi_a (8 (d + 2) eps (|l_a| + |<l, pi>|) + d denormals) plus d denormals (the
+//   d products of <l, pi> underflow by half a denormal each), |dR| read off the row
+//   where one of its gaps |l_a - <l, pi>| stands clear of rounding, else bounded from the
+//   regrets (see below).
 #include "fuzz.hpp"
 
 #include "gradus/losses/regret.hpp"
@@ -66,23 +69,47 @@ void harness(FuzzedDataProvider& in) {
                                                                   fuzz::text(low) + ", " + fuzz::text(high) + "]");
     }
   }
-  if (o.from_logits) {
-    // g_a = dR pi_a (l_a - <l, pi>): the difference rounds by eps (|l_a| + |<l, pi>|), so the
-    // row sums to zero within that, times dR pi_a, summed over the row.
-    for (Index r = 0; r < grad.rows(); ++r) {
-      if (!fuzz::finite(grad.row(r)) || !fuzz::finite(policies.row(r))) continue;
+  if (o.from_logits && fuzz::finite(policies)) {
+    // g_a = dR pi_a (l_a - <l, pi>): the difference rounds by eps (|l_a| + |<l, pi>|) and <l, pi>
+    // underflows by d/2 denormals, so the row sums to zero within that, times |dR| pi_a, summed
+    // over the row. |dR| is read off the row (|g_a| / (pi_a |l_a - <l, pi>|)) where a gap
+    // stands well above its rounding and underflow, else bounded from the regrets (default h; pi = softmax in long double; the regrets widened by
+    // dR_err = 4 (d + T + 2) eps 2 T max |l| for their rounding in S): |dR_j| <= max_j h'(R_j)
+    // + N (max_j h(R_j) - min_j h(R_j)), and for k = 1 dR = h'(R) (w = 1, h(R) - L = 0).
+    gradus::RowMatrix<LD> pi(rows, d);
+    for (Index r = 0; r < rows; ++r) {
       const LD top = policies.row(r).maxCoeff();
-      std::vector<LD> pi(static_cast<std::size_t>(d) + 0);
-      LD total = 0, learner = 0, dR = 0, spread = 0, sum = 0, tolerance = 0;
-      for (Index a = 0; a < d; ++a) total += pi[a] = std::exp(LD(policies(r, a)) - top);
-      for (Index a = 0; a < d; ++a) learner += (pi[a] /= total) * losses(r, a);
+      LD total = 0;
+      for (Index a = 0; a < d; ++a) total += pi(r, a) = std::exp(LD(policies(r, a)) - top);
+      pi.row(r) /= total;
+    }
+    const Index k = rows / rounds;
+    LD high = -std::numeric_limits<LD>::infinity(), low = std::numeric_limits<LD>::infinity();
+    for (Index j = 0; j < k; ++j) {
+      const auto l = losses.middleRows(j * rounds, rounds).template cast<LD>();
+      const LD R = (l.array() * pi.middleRows(j * rounds, rounds).array()).sum() - l.colwise().sum().minCoeff();
+      high = std::max(high, R), low = std::min(low, R);
+    }
+    const LD widen = 4 * LD(d + rounds + 2) * LD(L::epsilon()) * scale;
+    const auto h = [](LD R) { return R > 0 ? R * R : LD(0); };
+    const LD dR_bound = 2 * std::max<LD>(high + widen, 0) +
+                        (k == 1 || std::isinf(o.N) ? LD(0) : std::abs(LD(o.N)) * (h(high + widen) - h(low - widen)));
+    for (Index r = 0; r < grad.rows(); ++r) {
+      if (!fuzz::finite(grad.row(r))) continue;
+      const LD denormal = L::denorm_min();
+      LD learner = 0, dR = dR_bound, spread = 0, sum = 0, tolerance = 0, largest = 0;
+      for (Index a = 0; a < d; ++a) learner += pi(r, a) * losses(r, a);
+      for (Index a = 0; a < d; ++a) largest = std::max(largest, std::abs(LD(losses(r, a))));
       for (Index a = 0; a < d; ++a) {
         const LD gap = std::abs(losses(r, a) - learner);
-        if (pi[a] * gap > spread) spread = pi[a] * gap, dR = std::abs(LD(grad(r, a))) / spread;
+        const bool clear = gap >= 16 * (d + 2) * L::epsilon() * (largest + std::abs(learner)) + 16 * d * denormal &&
+                           pi(r, a) >= LD(L::min()) / L::epsilon();
+        if (clear && pi(r, a) * gap > spread) spread = pi(r, a) * gap, dR = std::abs(LD(grad(r, a))) / spread;
       }
       for (Index a = 0; a < d; ++a) {
         sum += grad(r, a);
-        tolerance += 8 * (d + 2) * L::epsilon() * dR * pi[a] * (std::abs(LD(losses(r, a))) + std::abs(learner));
+        tolerance += dR * pi(r, a) * (8 * (d + 2) * L::epsilon() * (std::abs(LD(losses(r, a))) + std::abs(learner)) +
+                                      d * denormal);
       }
       FUZZ_CHECK(std::abs(sum) <= tolerance + d * L::denorm_min() || fuzz::muted("rowsum"),
                  "gradient row " + std::to_string(r) + " sums to " + fuzz::text(double(sum)));
