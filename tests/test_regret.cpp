@@ -489,3 +489,20 @@ TEMPLATE_TEST_CASE("RegretLoss at huge N: the worst-sequence limit where N R ove
   CHECK_NOTHROW(RegretLoss<S>({.N = inf}));
   CHECK_THROWS_WITH(RegretLoss<S>({.N = std::nextafter(S(0), S(-1))}), Catch::Contains("options.N"));
 }
+
+TEMPLATE_TEST_CASE("RegretLoss N: 0 or a normal number up to infinity", "[regret][errors]", float, double) {
+  using S = TestType;
+  using L = std::numeric_limits<S>;
+  const Index k = 3, T = 4, d = 3;
+  const RowMatrix<S> l = as<S>(uniform_losses(k * T, d, 5)), pi = as<S>(softmax_of(normal_matrix(k * T, d, 6, 1)));
+  for (S N : {S(0), L::min(), S(1), L::max(), L::infinity()}) {
+    INFO("N = " << N);
+    RowMatrix<S> grad(k * T, d);
+    CHECK(std::isfinite(RegretLoss<S>({.N = N}).value_and_grad(l, pi, T, grad)));
+    CHECK(grad.allFinite());
+  }
+  for (S N : {L::denorm_min(), std::nextafter(L::min(), S(0)), -L::denorm_min(), L::quiet_NaN()}) {
+    INFO("N = " << N);
+    CHECK_THROWS_AS(RegretLoss<S>({.N = N}), gradus::invalid_argument);
+  }
+}

@@ -55,7 +55,8 @@ struct RegretWeighting {
 
 template <class S>
 struct RegretLossOptions {
-  S N = 1;                    // sharpness of the soft-max over sequences: 0 the mean, +infinity the max
+  S N = 1;                    // sharpness of the soft-max over sequences: 0 the mean, +infinity the max;
+                              // 0 or in [min, +infinity]
   RegretPenalty<S> h = {};    // default max(R, 0)^2
   RegretWeighting<S> f = {};  // default exp(N R)
   bool from_logits = false;   // the second input holds logits z, pi = softmax(z) row by row
@@ -215,7 +216,10 @@ class RegretLoss {
   using Options = RegretLossOptions<S>;
 
   explicit RegretLoss(Options options = {}) : options_(std::move(options)) {
-    detail::require_nonnegative("RegretLoss", "options.N", options_.N);
+    // 0 (the mean) or a normal number up to +infinity: a denormal N weighs sequences by products
+    // that keep no digits.
+    detail::require(options_.N == S(0) || options_.N >= std::numeric_limits<S>::min(), "RegretLoss", "options.N",
+                    "0 or a value >= " + detail::to_text(std::numeric_limits<S>::min()), options_.N);
     detail::require(options_.h.value && options_.h.derivative, "RegretLoss", "options.h",
                     "both value and derivative set", "an empty function");
     detail::require(options_.f.log_value && options_.f.log_derivative, "RegretLoss", "options.f",
