@@ -576,16 +576,16 @@ TEMPLATE_TEST_CASE("every hyperparameter boundary: the last accepted value works
   CHECK_THROWS_WITH(momentum<S>({.momentum = 1}),
                     "gradus::momentum: argument 'momentum': expected a value in [0, 1), got 1");
 
-  // eps: finite and > 0 (the paper's eps keeps 0 / 0 out of a zero gradient's update).
+  // eps in (0, 1] (the paper's eps keeps 0 / 0 out of a zero gradient's update).
   CHECK(finite_update(adam<S>({.eps = tiny}), S(0)));
   CHECK(finite_update(adam<S>({.eps = tiny}), S(1e-30)));
-  CHECK(finite_update(adam<S>({.eps = big})));
-  for (const S eps : {S(0), -tiny, inf, nan}) {
+  CHECK(finite_update(adam<S>({.eps = S(1)})));
+  for (const S eps : {S(0), -tiny, std::nextafter(S(1), S(2)), big, inf, nan}) {
     CHECK_THROWS_AS(adam<S>({.eps = eps}), gradus::invalid_argument);
     CHECK_THROWS_AS(adamw<S>({.eps = eps}), gradus::invalid_argument);
     CHECK_THROWS_AS(scale_by_adam<S>({.eps = eps}), gradus::invalid_argument);
   }
-  CHECK_THROWS_WITH(adam<S>({.eps = 0}), "gradus::adam: argument 'eps': expected a finite value > 0, got 0");
+  CHECK_THROWS_WITH(adam<S>({.eps = 0}), "gradus::adam: argument 'eps': expected a value in (0, 1], got 0");
   {
     const auto opt = adam<S>({.eps = tiny});
     const Vector<S> params = Vector<S>::Zero(2);

@@ -6,7 +6,7 @@
 // - an accepted constant learning rate is finite; every accepted schedule gives finite rates >= 0 at any
 //   step (0, 1, its boundaries, INT64_MAX), CosineDecay within [alpha initial, initial];
 // - with finite gradients: sgd without momentum gives u = -lr g bit for bit; (heavy-ball) momentum
-//   updates are finite where lr |g|_max 2 / (1 - mu) (times the steps) is below max(S)/16;
+//   updates are finite where |g|_max 2 / (1 - mu) (times the steps), and lr times it, are below max(S)/16;
 // - adam's first step is u = -lr g / (|g| + eps) (m_hat = g, v_hat = g^2) within 1e-4 (float) /
 //   1e-10 (double) relative; chain(scale_by_adam, scale_by_learning_rate) equals adam;
 // - clip_by_global_norm: u = g when ||g|| <= c, else ||u|| = c within 1e-5 relative, u parallel to g.
@@ -94,13 +94,18 @@ void harness(FuzzedDataProvider& in) {
       if (!fuzz::accepts([&] { t.emplace(which ? gradus::momentum<S>({*lr, mu, nesterov}) : gradus::sgd<S>({*lr, mu, nesterov})); })) return;
       const S m = t->options().momentum;
       Index step = 0;
+      long double largest = 0;  // over every gradient so far: the momentum buffer holds them all
       run(*t, [&](const Vector<S>& g, const Vector<S>& u, const auto& state) {
         ++step;
+        if (d) largest = std::max(largest, (long double)g.cwiseAbs().maxCoeff());
         if (m == 0) {
           for (Index j = 0; j < d; ++j) FUZZ_CHECK(u(j) == -state.learning_rate * g(j) || std::isnan(u(j)), "sgd: u != -lr g");
         }
-        const long double envelope = (long double)state.learning_rate * (d ? (long double)g.cwiseAbs().maxCoeff() : 0) * 2 * step / (1 - (long double)m);
-        if (envelope < scale_bound && std::isfinite(state.learning_rate)) FUZZ_CHECK(fuzz::finite(u), "non-finite sgd update");
+        // The buffer sums gradients before the rate scales them: both must stay in range.
+        const long double buffer = largest * 2 * step / (1 - (long double)m);
+        const long double envelope = (long double)state.learning_rate * buffer;
+        if (envelope < scale_bound && buffer < scale_bound && std::isfinite(state.learning_rate))
+          FUZZ_CHECK(fuzz::finite(u), "non-finite sgd update");
       });
       break;
     }
@@ -132,9 +137,12 @@ void harness(FuzzedDataProvider& in) {
         first = false;
         for (Index j = 0; j < d; ++j) {
           const long double gj = g(j), expected = -(long double)state.learning_rate * gj / (std::abs(gj) + eps);
-          // Moments of gradients below min / (1 - b1) are denormal, and lose the digits this compares.
+          // Moments of gradients below min / (1 - b1) are denormal, and lose the digits this compares;
+          // where g^2 overflows the second moment is infinite and the step 0 (documented), and where
+          // it underflows the step is eps-bound.
           if (!(std::abs(expected) < scale_bound) || (gj == 0 && eps == 0) ||
-              std::abs(gj) * (1 - (long double)b1) < L::min())
+              std::abs(gj) * (1 - (long double)b1) < L::min() || gj * gj > L::max() ||
+              gj * gj * (1 - (long double)b2) < L::min())
             continue;
           const long double tolerance = (sizeof(S) == 4 ? 1e-4L : 1e-10L) * std::abs(expected) + L::min();
           FUZZ_CHECK(std::abs(u(j) - expected) <= tolerance || fuzz::muted("adam-range"),

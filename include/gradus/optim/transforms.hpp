@@ -763,7 +763,9 @@ class Adam {
     if (apply_learning_rate_) options_.learning_rate.validate(name_);
     detail::require_in_range(name_, "b1", options_.b1, S(0), S(1));
     detail::require_in_range(name_, "b2", options_.b2, S(0), S(1));
-    detail::require_finite_positive(name_, "eps", options_.eps);
+    // eps guards the division where the gradient has been 0; above 1 it would set the step's
+    // scale itself (lr / eps, an sgd), and its quotients underflow where the step does not.
+    detail::require(options_.eps > S(0) && options_.eps <= S(1), name_, "eps", "a value in (0, 1]", options_.eps);
     detail::require_finite_nonnegative(name_, "weight_decay", options_.weight_decay);
   }
   const AdamOptions<S>& options() const { return options_; }
@@ -782,8 +784,9 @@ class Adam {
     const S factor = apply_learning_rate_ ? -(state.learning_rate = o.learning_rate.at(name_, state.step)) : S(1);
     ++state.step;
     // m_hat / (sqrt(v_hat) + eps) as c1 (m / (sqrt(c2) sqrt(v) + eps)): the same number, but
-    // m_hat = c1 m may overflow where the ratio does not (a gradient near the largest S), and a
-    // v whose square overflowed then gives 0, not inf / inf.
+    // m_hat = c1 m may overflow where the ratio does not (a gradient near the largest S). A
+    // gradient whose square overflows (|g| > sqrt(max / (1 - b2))) makes v infinite: its step
+    // is then 0, as in optax and PyTorch, not inf / inf.
     const S c1 = S(1) / (S(1) - std::pow(o.b1, static_cast<S>(state.step)));
     const S root_c2 = std::sqrt(S(1) / (S(1) - std::pow(o.b2, static_cast<S>(state.step))));
     // Blocks small enough for L1: the three statements then cost one pass over memory.
