@@ -9,6 +9,8 @@
 
 #include <gradus/optim/ef21/mpi.hpp>
 
+#include "failing_client.hpp"
+
 #include "../../examples/ef21_heart.hpp"
 
 using namespace gradus;
@@ -99,23 +101,6 @@ TEST_CASE("EF21 over MPI resumes from a checkpoint with identical iterates", "[e
   CHECK(second.x() == first.x());
   CHECK(second.g() == first.g());
 }
-
-namespace {
-
-// A heart client that fails from a given call on.
-struct FailingClient {
-  using Scalar = double;
-  NonconvexLogistic<double> inner;
-  int fail_after;
-  int calls = 0;
-  Index dim() const { return inner.dim(); }
-  double value_and_grad(const Eigen::VectorXd& x, Eigen::Ref<Eigen::VectorXd> g) {
-    if (++calls > fail_after) throw std::runtime_error("disk read failed on client");
-    return inner.value_and_grad(x, g);
-  }
-};
-
-}  // namespace
 
 TEST_CASE("A rank whose client fails makes every rank stop with an error", "[ef21][mpi][errors]") {
   const auto problem = heart();

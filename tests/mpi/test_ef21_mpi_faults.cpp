@@ -11,6 +11,8 @@
 #include <gradus/optim/ef21.hpp>
 #include <gradus/optim/ef21/mpi.hpp>
 
+#include "failing_client.hpp"
+
 using namespace gradus;
 using namespace gradus::ef21;
 
@@ -155,19 +157,6 @@ TEST_CASE("Bad input on one rank is a gradus::invalid_argument on every rank", "
 
 namespace {
 
-// A client whose gradient throws from a given call on.
-struct FailingClient {
-  using Scalar = double;
-  NonconvexLogistic<double> inner;
-  int fail_after;
-  int calls = 0;
-  Index dim() const { return inner.dim(); }
-  double value_and_grad(const Eigen::VectorXd& x, Eigen::Ref<Eigen::VectorXd> g) {
-    if (++calls > fail_after) throw std::runtime_error("client data unavailable");
-    return inner.value_and_grad(x, g);
-  }
-};
-
 // A compressor that, on one rank, sends an index past the end of x from its second call on (its
 // first, EF21's probe, looks like every other rank's).
 struct BrokenOnRank {
@@ -191,7 +180,7 @@ TEST_CASE("A rank that throws in the first round or sends a malformed message st
   for (const auto& client : clients_of_dimension(4)) mine.push_back({client, rank() == 0 ? 0 : 1000});
   auto result = outcome_of([&] { EF21 method(std::move(mine), TopK{1}, start(4), {.gamma = 0.1}, MpiTransport{}); });
   CHECK_FALSE(result.invalid_argument);
-  CHECK(contains(result.error, "client data unavailable"));
+  CHECK(contains(result.error, "disk read failed on client"));
   if (rank() != 0) CHECK(contains(result.error, "rank 0 failed"));
 
   // A message that passed the probe and then goes out of range: its sender rejects it.
