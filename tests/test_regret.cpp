@@ -506,3 +506,21 @@ TEMPLATE_TEST_CASE("RegretLoss N: 0 or a normal number up to infinity", "[regret
     CHECK_THROWS_AS(RegretLoss<S>({.N = N}), gradus::invalid_argument);
   }
 }
+
+TEMPLATE_TEST_CASE("RegretLoss from logits: an action far below the others has probability 0 exactly",
+                   "[regret][numerics]", float, double) {
+  // A logit 18000 below its row's max: exp underflows to 0, where Eigen's exp, clamped at its
+  // argument's range, left 1e-308 (double), and the row's gradient was that times |dR l|, not 0.
+  using S = TestType;
+  RowMatrix<S> l(4, 2), z(4, 2), grad(4, 2);
+  l << -10000, 0, -8, 0, -6, -10000, 0, -10000;
+  z << -8000, 10000, -8, -7, -8, -8, -8, -10000;
+  RegretLoss<S>({.N = std::numeric_limits<S>::infinity(), .from_logits = true}).value_and_grad(l, z, 4, grad);
+  REQUIRE(grad.allFinite());
+  for (Index r : {0, 3}) {
+    INFO("row " << r);
+    CHECK(grad(r, 0) == 0);
+    CHECK(grad(r, 1) == 0);
+  }
+  CHECK(grad(1, 0) != 0);
+}

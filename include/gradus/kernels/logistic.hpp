@@ -4,6 +4,7 @@
 // one exp, and a running sum of softplus values that takes one product per packet instead
 // of a log.
 
+#include <algorithm>
 #include <cstddef>
 #include <iterator>
 #include <type_traits>
@@ -103,6 +104,23 @@ EIGEN_ALWAYS_INLINE __m512d pexp_nonpositive(const __m512d& x) {
   return _mm512_scalef_pd(p, k);
 }
 #endif
+
+// exp of n values x <= 0 in place, packet by packet with pexp_nonpositive (the last packet
+// padded with zeros), for softmaxes whose shifted logits fall below Eigen's exp clamp.
+template <class S>
+void exp_nonpositive_in_place(S* x, Eigen::Index n) {
+  using namespace Eigen::internal;
+  using Packet = typename packet_traits<S>::type;
+  constexpr Eigen::Index size = unpacket_traits<Packet>::size;
+  Eigen::Index i = 0;
+  for (; i + size <= n; i += size) pstoreu(x + i, pexp_nonpositive(ploadu<Packet>(x + i)));
+  if (i < n) {
+    S tail[size] = {};
+    std::copy(x + i, x + n, tail);
+    pstoreu(tail, pexp_nonpositive(ploadu<Packet>(tail)));
+    std::copy(tail, tail + (n - i), x + i);
+  }
+}
 
 // The logistic function at x from one exp: with e = exp(-|x|) in [0, 1] and r = 1/(1 + e),
 // sigma(x) = (x >= 0 ? r : e r) and 1 - sigma(x) = (x >= 0 ? e r : r), both without

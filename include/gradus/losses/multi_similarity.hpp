@@ -177,7 +177,7 @@ void update_mining_bounds(PairTile<S>& tile, Index i, Index width, const RowPair
   S* high = tile.arg_negative.row(i).data();
   for (Index k = 0; k < width; ++k) {
     const bool same = row.column_labels[k] == row.label;
-    low[k] = same & (s[k] < row.drop_at) ? s[k] : inf;
+    low[k] = (same & (s[k] < row.drop_at)) ? s[k] : inf;
     high[k] = same ? -inf : s[k];
   }
   if (row.diagonal >= 0 && row.diagonal < width) low[row.diagonal] = inf;

@@ -36,6 +36,7 @@
 
 #include "gradus/core/errors.hpp"
 #include "gradus/core/types.hpp"
+#include "gradus/kernels/logistic.hpp"
 
 namespace gradus {
 
@@ -100,7 +101,8 @@ void require_simplex_rows(std::string_view function, std::string_view argument,
 }
 
 // In place: z <- softmax(z) row by row, max-shifted. When the rows are contiguous the exp runs
-// over the whole block at once: rows of a few actions are too short to vectorize alone.
+// over the whole block at once: rows of a few actions are too short to vectorize alone. The exp
+// is pexp_nonpositive's: Eigen's stops at ~1e-308 (double) where the probability is 0.
 template <class S>
 void softmax_rows_in_place(Eigen::Ref<RowMatrix<S>> z) {
   const Index d = z.cols();
@@ -110,10 +112,9 @@ void softmax_rows_in_place(Eigen::Ref<RowMatrix<S>> z) {
     for (Index a = 0; a < d; ++a) row[a] -= max;
   }
   if (z.outerStride() == d) {
-    Eigen::Map<Eigen::Array<S, Eigen::Dynamic, 1>> flat(z.data(), z.size());
-    flat = flat.exp();
+    exp_nonpositive_in_place(z.data(), z.size());
   } else {
-    z.array() = z.array().exp();
+    for (Index r = 0; r < z.rows(); ++r) exp_nonpositive_in_place(z.row(r).data(), d);
   }
   for (Index r = 0; r < z.rows(); ++r) {
     S* row = z.row(r).data();
