@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <limits>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -683,6 +684,33 @@ TEST_CASE("the margin change of huge outputs neither overflows nor underflows", 
     CHECK(grad[2] == Approx(-1 / std::sqrt(10.0f)));
     CHECK(grad[1] == Approx(-2 / std::sqrt(10.0f)));
   }
+  // Denormal outputs: 2^-exponent alone overflows there, so u is scaled by ldexp.
+  const float tiny = std::numeric_limits<float>::denorm_min();
+  for (float scale : {tiny, 1e-40f}) {
+    const float adv[3] = {3 * scale, 0, -scale}, clean[3] = {0, 0, 0};
+    float grad[3];
+    const float length = detail::margin_change(adv, clean, 3, 1, grad);
+    CHECK(std::abs(length - std::sqrt(10.0f) * scale) <= tiny);
+    CHECK(grad[0] == Approx(3 / std::sqrt(10.0f)));
+    CHECK(grad[2] == Approx(-1 / std::sqrt(10.0f)));
+    CHECK(grad[1] == Approx(-2 / std::sqrt(10.0f)));
+  }
+}
+
+TEST_CASE("denormal inputs and parameters give a finite loss", "[adversarial][numerics]") {
+  // The fuzz reproducer: outputs of a few denormals made the smooth term 0 * inf = NaN.
+  const double tiny = std::numeric_limits<double>::denorm_min();
+  const LinearModel<double> model(4, 4);
+  const RowMatrix<double> X = RowMatrix<double>::Constant(3, 4, -tiny);
+  Vector<double> theta = Vector<double>::Constant(model.num_params(), -tiny), dtheta(model.num_params());
+  theta(4) = std::numeric_limits<double>::min();
+  const Labels y = Labels::Constant(3, 3);
+  const SmoothAdversarialLoss<double> loss(
+      {.tau = 0.5, .gamma = 8 / 255.0, .norm = PerturbationNorm::L2, .step_size = 1, .restarts = 3, .seed = 3});
+  const double value = loss.value_and_grad(model, theta, X, y, dtheta);
+  CHECK(std::isfinite(value));
+  CHECK(value >= CompSumLoss<double>({.tau = 0.5}).value(RowMatrix<double>::Zero(3, 4), y) * (1 - 1e-12));
+  CHECK(dtheta.allFinite());
 }
 
 TEST_CASE("the box: X must lie in it, and a one-point box pins x'", "[adversarial]") {

@@ -1,6 +1,8 @@
 #include <catch2/catch.hpp>
 
 #include <cmath>
+#include <limits>
+#include <utility>
 #include <string>
 
 #include <gradus/gradus.hpp>
@@ -76,4 +78,30 @@ TEST_CASE("check_value_and_grad and coordinate subsets", "[testing]") {
   const auto report = testing::check_value_and_grad(fg, x, options);
   CHECK(report.ok);
   CHECK(report.checked == 10);
+}
+
+TEST_CASE("check_gradient and check_value_and_grad reject options outside their domain", "[testing][errors]") {
+  const Eigen::VectorXd x = Eigen::VectorXd::LinSpaced(4, -1, 1), grad = 2 * x;
+  auto f = [](const Eigen::VectorXd& v) { return v.squaredNorm(); };
+  auto fg = [](const Eigen::VectorXd& v, Eigen::VectorXd& g) {
+    g = 2 * v;
+    return v.squaredNorm();
+  };
+  const double inf = std::numeric_limits<double>::infinity(), nan = std::numeric_limits<double>::quiet_NaN();
+  using Options = testing::GradientCheckOptions;
+  const std::pair<const char*, Options> bad[] = {
+      {"options.step", {.step = 0}},          {"options.step", {.step = inf}},
+      {"options.step", {.step = nan}},        {"options.tolerance", {.tolerance = -1e-9}},
+      {"options.tolerance", {.tolerance = inf}}, {"options.tolerance", {.tolerance = nan}},
+      {"options.scale_floor", {.scale_floor = -1}}, {"options.scale_floor", {.scale_floor = inf}},
+      {"options.max_coordinates", {.max_coordinates = -1}}, {"options.worst_reported", {.worst_reported = -1}},
+  };
+  for (const auto& [argument, options] : bad) {
+    INFO(argument);
+    CHECK_THROWS_WITH(testing::check_gradient(f, x, grad, options), Catch::Contains(argument));
+    CHECK_THROWS_WITH(testing::check_value_and_grad(fg, x, options), Catch::Contains(argument));
+  }
+  // The edges: a tolerance and a floor of 0, no coordinate listed.
+  CHECK(testing::check_gradient(f, x, grad, {.tolerance = 0.5, .scale_floor = 0, .worst_reported = 0}).worst.empty());
+  CHECK_NOTHROW(testing::check_gradient(f, x, grad, {.tolerance = 0}));
 }

@@ -140,6 +140,8 @@ TEST_CASE("Models reject bad shapes and sizes", "[models][errors]") {
   CHECK_THROWS_AS(LinearModel<double>(2, 0), gradus::invalid_argument);
   CHECK_THROWS_AS(MLP<double>({3}, Activation::ReLU), gradus::invalid_argument);
   CHECK_THROWS_AS(MLP<double>({3, 0, 2}, Activation::ReLU), gradus::invalid_argument);
+  CHECK_THROWS_WITH(MLP<double>({3, 2}, Activation(3)), Catch::Contains("'activation'"));
+  CHECK_THROWS_WITH(MLP<double>({3, 2}, Activation(-1)), Catch::Contains("'activation'"));
 
   LinearModel<double> linear(3, 2);
   MLP<double> net({3, 4, 2}, Activation::Tanh);

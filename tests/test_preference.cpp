@@ -178,7 +178,7 @@ TEMPLATE_TEST_CASE("preference gradients match finite differences", "[preference
   testing::GradientCheckOptions check;
   check.tolerance = is_float ? 2e-3 : 1e-6;
   for (K kind : all_kinds) {
-    for (Eigen::Index n : {1, 2, 3, 7, 8, 9, 17, 64, 300}) {
+    for (Eigen::Index n : {1, 2, 3, 7, 8, 9, 17, 64, 65}) {
       INFO(name(kind) << " n=" << n);
       const Eigen::VectorXd x = random_batch(kind, n, 5 + static_cast<unsigned>(n)).packed();
       const PreferenceLoss<S> loss(options_for<S>(kind));

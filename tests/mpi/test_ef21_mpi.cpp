@@ -10,6 +10,7 @@
 #include <gradus/optim/ef21/mpi.hpp>
 
 #include "failing_client.hpp"
+#include "mpi_session.hpp"
 
 #include "../../examples/ef21_heart.hpp"
 
@@ -18,12 +19,7 @@ using namespace gradus::ef21;
 
 namespace {
 
-struct MpiSession {
-  MpiSession() { MPI_Init(nullptr, nullptr); }
-  ~MpiSession() { MPI_Finalize(); }
-} session;
-
-int rank() { return ef21::detail::rank_of(MPI_COMM_WORLD); }
+using mpi_test::rank;
 
 // The heart_scale split of the example (27 clients, client 0 scaled by 10), or its first n clients.
 examples::ef21_heart::Problem heart(Index n = 27) {

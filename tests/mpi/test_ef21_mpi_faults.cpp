@@ -12,18 +12,14 @@
 #include <gradus/optim/ef21/mpi.hpp>
 
 #include "failing_client.hpp"
+#include "mpi_session.hpp"
 
 using namespace gradus;
 using namespace gradus::ef21;
 
 namespace {
 
-struct MpiSession {
-  MpiSession() { MPI_Init(nullptr, nullptr); }
-  ~MpiSession() { MPI_Finalize(); }
-} session;
-
-int rank() { return ef21::detail::rank_of(MPI_COMM_WORLD); }
+using mpi_test::rank;
 
 // Two clients per rank, dimension d, rows from a fixed pattern (the same on every rank for a given d).
 template <class S = double>

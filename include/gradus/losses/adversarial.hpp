@@ -322,7 +322,8 @@ void checked_attack(const char* function, const M& model, const Eigen::MatrixBas
 // The smooth term of one sample from its C outputs at x' and at x: with d = adv - clean and
 // u = d - d_y, returns ||u|| and writes its gradient with respect to adv into grad:
 // (u - e_y sum_k u_k) / ||u||, and 0 at u = 0. u is first scaled by a power of two, exactly,
-// so that its squares neither overflow nor underflow. Plain loops: C is small (the classes).
+// so that its squares neither overflow nor underflow (down to denormal u). Plain loops: C is
+// small (the classes).
 template <class S>
 S margin_change(const S* adv, const S* clean, Index C, int y, S* grad) {
   const S shift = adv[y] - clean[y];
@@ -333,10 +334,9 @@ S margin_change(const S* adv, const S* clean, Index C, int y, S* grad) {
   }
   int exponent = 0;
   if (largest > 0 && largest < std::numeric_limits<S>::infinity()) std::frexp(largest, &exponent);
-  const S scale = std::ldexp(S(1), -exponent);
   S squares = 0, total = 0;
   for (Index k = 0; k < C; ++k) {
-    const S u = grad[k] * scale;
+    const S u = std::ldexp(grad[k], -exponent);  // not a product by 2^-exponent: for denormals it overflows
     grad[k] = u;
     squares += u * u;
     total += u;

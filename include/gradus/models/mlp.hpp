@@ -33,6 +33,7 @@ class MLP {
 
   // layer_sizes = {num_inputs, hidden..., num_outputs}: at least two entries, all > 0.
   MLP(std::vector<Index> layer_sizes, Activation activation) : activation_(activation) {
+    detail::require_enumerator("MLP", "activation", activation, 3);
     detail::require(layer_sizes.size() >= 2, "MLP", "layer_sizes", "at least 2 sizes (inputs, outputs)",
                     static_cast<long long>(layer_sizes.size()));
     for (std::size_t l = 0; l + 1 < layer_sizes.size(); ++l) {

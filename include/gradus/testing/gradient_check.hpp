@@ -64,11 +64,24 @@ struct GradientCheckReport {
 
 namespace detail {
 
+// The options' domain: a finite step > 0, a finite tolerance and scale floor >= 0 (an infinite
+// tolerance would pass any gradient), max_coordinates and worst_reported >= 0.
+inline void validate(const char* function, const GradientCheckOptions& options) {
+  gradus::detail::require_positive(function, "options.step", options.step);
+  gradus::detail::require_finite(function, "options.step", options.step);
+  gradus::detail::require_nonnegative(function, "options.tolerance", options.tolerance);
+  gradus::detail::require_finite(function, "options.tolerance", options.tolerance);
+  gradus::detail::require_nonnegative(function, "options.scale_floor", options.scale_floor);
+  gradus::detail::require_finite(function, "options.scale_floor", options.scale_floor);
+  gradus::detail::require_nonnegative(function, "options.max_coordinates", options.max_coordinates);
+  gradus::detail::require_nonnegative(function, "options.worst_reported", options.worst_reported);
+}
+
 // Which coordinates to visit: all, or a reproducible random subset.
 inline std::vector<Eigen::Index> coordinates_to_check(Eigen::Index n, const GradientCheckOptions& options) {
   std::vector<Eigen::Index> order(static_cast<std::size_t>(n));
   for (Eigen::Index i = 0; i < n; ++i) order[static_cast<std::size_t>(i)] = i;
-  if (options.max_coordinates <= 0 || options.max_coordinates >= n) return order;
+  if (options.max_coordinates == 0 || options.max_coordinates >= n) return order;
   gradus::detail::SplitMix64 rng(options.seed);
   for (Eigen::Index i = n - 1; i > 0; --i) {  // Fisher-Yates
     std::swap(order[static_cast<std::size_t>(i)], order[static_cast<std::size_t>(rng.below(static_cast<std::uint64_t>(i + 1)))]);
@@ -84,7 +97,7 @@ template <class F, class DX, class DG>
 GradientCheckReport check_gradient(F&& f, const Eigen::MatrixBase<DX>& x, const Eigen::MatrixBase<DG>& analytic,
                                    const GradientCheckOptions& options = {}) {
   gradus::detail::require_size("testing::check_gradient", "analytic", analytic.size(), x.size(), "entries (size of x)");
-  gradus::detail::require_positive("testing::check_gradient", "options.step", options.step);
+  detail::validate("testing::check_gradient", options);
   Eigen::VectorXd point = x.template cast<double>();
   const Eigen::VectorXd grad = analytic.template cast<double>();
   GradientCheckReport report;
@@ -107,7 +120,7 @@ GradientCheckReport check_gradient(F&& f, const Eigen::MatrixBase<DX>& x, const 
   std::sort(errors.begin(), errors.end(), [](const auto& a, const auto& b) { return a.error > b.error; });
   if (!errors.empty()) report.max_error = errors.front().error;
   report.ok = report.max_error <= options.tolerance;
-  errors.resize(std::min(errors.size(), static_cast<std::size_t>(std::max(options.worst_reported, 0))));
+  errors.resize(std::min(errors.size(), static_cast<std::size_t>(options.worst_reported)));
   report.worst = std::move(errors);
   return report;
 }
@@ -117,6 +130,7 @@ GradientCheckReport check_gradient(F&& f, const Eigen::MatrixBase<DX>& x, const 
 template <class FG, class DX>
 GradientCheckReport check_value_and_grad(FG&& fg, const Eigen::MatrixBase<DX>& x,
                                          const GradientCheckOptions& options = {}) {
+  detail::validate("testing::check_value_and_grad", options);
   const Eigen::VectorXd point = x.template cast<double>();
   Eigen::VectorXd grad(point.size());
   fg(point, grad);
