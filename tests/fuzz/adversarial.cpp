@@ -6,8 +6,9 @@
 // - a PerturbationNorm, StepSchedule or Reduction outside its enumerators was rejected;
 // - with finite inputs (and x +- 4 gamma, the outputs and the input gradients finite), the
 //   perturbed inputs lie in the ball: |x' - x|_inf <= gamma, or |x' - x|_2 <= gamma, within
-//   (D + 4) eps (gamma + |x|) (the projection rounds x + gamma and, for l_2, the offset's
-//   length); pgd_attack's also lie in the box [lower, upper];
+//   (D + 4) (eps (gamma + |x|) + one denormal) (the projection rounds x + gamma and, for l_2,
+//   the offset's length; gamma times a unit vector rounds in the denormals by half of one per
+//   entry); pgd_attack's also lie in the box [lower, upper];
 // - a call is a deterministic function of its inputs (two perturb() calls agree bit for bit),
 //   and pgd_attack writing over X itself gives what it writes elsewhere;
 // - with finite inputs of moderate size (|X|, |theta|, gamma, nu <= 1e4, rho >= 1e-4, and for
@@ -51,7 +52,7 @@ void check_ball(const gradus::RowMatrix<S>& X, const gradus::RowMatrix<S>& X_adv
   using L = std::numeric_limits<S>;
   FUZZ_CHECK(X_adv.rows() == X.rows() && X_adv.cols() == X.cols(), std::string(what) + ": wrong shape");
   for (Index i = 0; i < X.rows(); ++i) {
-    const LD slack = (X.cols() + 4) * LD(L::epsilon()) * (gamma + fuzz::norm(X.row(i)));
+    const LD slack = (X.cols() + 4) * (LD(L::epsilon()) * (gamma + fuzz::norm(X.row(i))) + LD(L::denorm_min()));
     const LD d = distance(X, X_adv, i, norm);
     FUZZ_CHECK(d <= gamma + slack, std::string(what) + ": row " + std::to_string(i) + " moved " +
                                        fuzz::text(double(d)) + " > gamma " + fuzz::text(gamma));
