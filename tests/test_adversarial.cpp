@@ -674,23 +674,19 @@ TEMPLATE_TEST_CASE("finite inputs give finite gradients wherever the value is fi
 }
 
 TEST_CASE("the margin change of huge outputs neither overflows nor underflows", "[adversarial]") {
-  // Outputs whose squares overflow (or underflow) a float: the term and its unit gradient stay exact.
-  for (float scale : {1e30f, 1e-30f}) {
-    const float adv[3] = {3 * scale, 0, -scale}, clean[3] = {0, 0, 0};
-    float grad[3];
-    const float length = detail::margin_change(adv, clean, 3, 1, grad);
-    CHECK(length == Approx(std::sqrt(10.0f) * scale));
-    CHECK(grad[0] == Approx(3 / std::sqrt(10.0f)));
-    CHECK(grad[2] == Approx(-1 / std::sqrt(10.0f)));
-    CHECK(grad[1] == Approx(-2 / std::sqrt(10.0f)));
-  }
-  // Denormal outputs: 2^-exponent alone overflows there, so u is scaled by ldexp.
+  // Outputs whose squares overflow (or underflow) a float, and denormal ones (where 2^-exponent
+  // alone overflows, so u is scaled by ldexp): the term and its unit gradient stay exact, the
+  // term of denormal outputs within the denormal it rounds to.
   const float tiny = std::numeric_limits<float>::denorm_min();
-  for (float scale : {tiny, 1e-40f}) {
+  for (float scale : {1e30f, 1e-30f, tiny, 1e-40f}) {
     const float adv[3] = {3 * scale, 0, -scale}, clean[3] = {0, 0, 0};
     float grad[3];
-    const float length = detail::margin_change(adv, clean, 3, 1, grad);
-    CHECK(std::abs(length - std::sqrt(10.0f) * scale) <= tiny);
+    const float length = detail::margin_change(adv, clean, 3, 1, grad), expected = std::sqrt(10.0f) * scale;
+    if (scale >= std::numeric_limits<float>::min()) {
+      CHECK(length == Approx(expected));
+    } else {
+      CHECK(std::abs(length - expected) <= tiny);
+    }
     CHECK(grad[0] == Approx(3 / std::sqrt(10.0f)));
     CHECK(grad[2] == Approx(-1 / std::sqrt(10.0f)));
     CHECK(grad[1] == Approx(-2 / std::sqrt(10.0f)));

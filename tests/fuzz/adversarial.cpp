@@ -113,12 +113,15 @@ void harness(FuzzedDataProvider& in) {
   gradus::RowMatrix<S> X_adv(X.rows(), X.cols()), again(X.rows(), X.cols());
   if (!fuzz::accepts([&] { loss.perturb(model, theta, X, y, X_adv); })) return;
   const bool finite = finite_inputs && fuzz::finite(X) && fuzz::finite(theta);
-  // Where x +- 4 gamma, the outputs |h(x')| <= D |theta| (|x| + gamma) + |theta| or the input
-  // gradients (<= 2 C |theta|) overflow, x' may too (documented: inf or NaN, as any arithmetic).
+  const LD gamma = o.gamma, theta_max = theta.cwiseAbs().maxCoeff();
+  // |h(x')| for |x'| <= x_max + gamma.
+  const auto output_bound = [&](LD x_max) { return D * theta_max * (x_max + gamma) + theta_max; };
+  // Where x +- 4 gamma, the outputs or the input gradients (<= 2 C |theta|) overflow, x' may
+  // too (documented: inf or NaN, as any arithmetic).
   const auto representable = [&](const gradus::RowMatrix<S>& inputs) {
     if (!fuzz::finite(inputs) || !fuzz::finite(theta)) return false;
-    const LD x = inputs.cwiseAbs().maxCoeff(), w = theta.cwiseAbs().maxCoeff(), top = L::max();
-    return x + 4 * LD(o.gamma) <= top && D * w * (x + LD(o.gamma)) + w <= top / 4 && 2 * C * w <= top / 4;
+    const LD x = inputs.cwiseAbs().maxCoeff(), top = L::max();
+    return x + 4 * gamma <= top && output_bound(x) <= top / 4 && 2 * C * theta_max <= top / 4;
   };
   if (finite && representable(X)) check_ball<S>(X, X_adv, o.gamma, o.norm, "perturb");
   FUZZ_CHECK(fuzz::accepts([&] { loss.perturb(model, theta, X, y, again); }), "perturb() rejects what it accepted");
@@ -131,8 +134,7 @@ void harness(FuzzedDataProvider& in) {
   FUZZ_CHECK(fuzz::accepts([&] { plain = loss.value(model, theta, X, y); }), "value() rejects what perturb() accepted");
   FUZZ_CHECK(fuzz::accepts([&] { loss.values(model, theta, X, y, per_sample); }),
              "values() rejects what perturb() accepted");
-  const LD gamma = o.gamma, x_max = X.cwiseAbs().maxCoeff(), theta_max = theta.cwiseAbs().maxCoeff();
-  const LD z_max = D * theta_max * (x_max + gamma) + theta_max, t = z_max / o.rho;
+  const LD x_max = X.cwiseAbs().maxCoeff(), t = output_bound(x_max) / o.rho;
   const bool moderate = finite && x_max <= 1e4 && theta_max <= 1e4 && gamma <= 1e4 && o.nu <= 1e4 && o.rho >= 1e-4 &&
                         (o.tau >= 1 || (1 - o.tau) * 2 * t < 60);
   if (moderate) {

@@ -67,12 +67,9 @@ namespace detail {
 // The options' domain: a finite step > 0, a finite tolerance and scale floor >= 0 (an infinite
 // tolerance would pass any gradient), max_coordinates and worst_reported >= 0.
 inline void validate(const char* function, const GradientCheckOptions& options) {
-  gradus::detail::require_positive(function, "options.step", options.step);
-  gradus::detail::require_finite(function, "options.step", options.step);
-  gradus::detail::require_nonnegative(function, "options.tolerance", options.tolerance);
-  gradus::detail::require_finite(function, "options.tolerance", options.tolerance);
-  gradus::detail::require_nonnegative(function, "options.scale_floor", options.scale_floor);
-  gradus::detail::require_finite(function, "options.scale_floor", options.scale_floor);
+  gradus::detail::require_finite_positive(function, "options.step", options.step);
+  gradus::detail::require_finite_nonnegative(function, "options.tolerance", options.tolerance);
+  gradus::detail::require_finite_nonnegative(function, "options.scale_floor", options.scale_floor);
   gradus::detail::require_nonnegative(function, "options.max_coordinates", options.max_coordinates);
   gradus::detail::require_nonnegative(function, "options.worst_reported", options.worst_reported);
 }
